@@ -1,0 +1,56 @@
+"""Roofline estimates: t = max(flops / (peak * eff), bytes / (bw * eff), launch) per op, and the
+`RewriteEstimate` every `Candidate` carries (before, after, deltas, crossover)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from optpass.cost_models.hardware import HardwareSpec
+
+_CANONICAL = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_BYTES = {"float32": 4.0, "fp32": 4.0, "bfloat16": 2.0, "bf16": 2.0, "float16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
+
+
+@dataclass(frozen=True)
+class RewriteEstimate:
+    """Predicted seconds and peak-memory bytes before/after a rewrite, at the shape it was estimated for."""
+
+    before: float
+    after: float
+    d_peak_memory: float
+    crossover: float | None = None  # tokens (B*S) at which the rewrite starts to pay; None: pays everywhere / never
+    tokens: int = 1
+
+    @property
+    def d_latency(self) -> float:
+        return self.after - self.before
+
+    @property
+    def relative_gain(self) -> float:
+        return -self.d_latency / self.before if self.before > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "d_latency": self.d_latency, "relative_gain": self.relative_gain}
+
+
+def canonical_dtype(dtype: str) -> str:
+    """`float32` -> `fp32` etc., the keys of `HardwareSpec.peak_flops`."""
+    return _CANONICAL.get(dtype.replace("torch.", ""), dtype)
+
+
+def op_time(flops: float, bytes_moved: float, spec: HardwareSpec, dtype: str, kind: str = "matmul") -> float:
+    """Roofline time of one op on `spec`."""
+    eff = spec.efficiency.get(kind, 0.7)
+    compute = flops / (spec.flops(canonical_dtype(dtype)) * eff) if flops else 0.0
+    memory = bytes_moved / (spec.mem_bandwidth * spec.efficiency.get("memory", 0.8))
+    return max(compute, memory, spec.launch_floor)
+
+
+def linear_time(in_f: int, out_f: int, tokens: int, weight_bytes: float, act_dtype: str, spec: HardwareSpec,
+                extra_launches: int = 0) -> float:
+    """One linear layer over `tokens` rows: 2*T*K*N FLOPs; weights read once, activations in and out."""
+    act = DTYPE_BYTES.get(act_dtype, 4.0)
+    flops = 2.0 * tokens * in_f * out_f
+    moved = weight_bytes + tokens * (in_f + out_f) * act
+    return op_time(flops, moved, spec, act_dtype) + extra_launches * spec.launch_floor

@@ -1,0 +1,28 @@
+"""optpass: capture a PyTorch model, let a hardware cost model choose rewrites, verify them against a
+quality budget, and return the optimized model with a report of every decision."""
+
+from optpass.api import optimize
+from optpass.capture import capture
+from optpass.errors import (
+    CaptureError,
+    CheckpointError,
+    ConfigError,
+    OptpassError,
+    PassOrderError,
+    UnknownPassError,
+    UnknownTargetError,
+    UnsupportedModelError,
+    VerificationError,
+)
+from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig, PassResult
+from optpass.quality import QualityBudget
+from optpass.registry import get_pass, register_pass, registered_passes
+from optpass.report import OptimizationReport
+
+__version__ = "0.1.0"
+__all__ = [
+    "ApplyContext", "Candidate", "CaptureError", "CheckpointError", "ConfigError", "OptimizationReport",
+    "OptpassError", "Pass", "PassConfig", "PassOrderError", "PassResult", "QualityBudget", "UnknownPassError",
+    "UnknownTargetError", "UnsupportedModelError", "VerificationError", "capture", "get_pass", "optimize",
+    "register_pass", "registered_passes",
+]

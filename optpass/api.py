@@ -1,0 +1,192 @@
+"""`optimize()`: capture -> candidates -> cost model -> apply -> verify -> report.
+
+The caller's model is never mutated unless `inplace=True`; the returned model keeps its interface
+(a Hugging Face LM still `generate()`s) and carries `optpass_report` and `optpass_plan`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from optpass.adapters import Batch, adapter_for
+from optpass.capture import capture
+from optpass.cost_models import get_spec, select
+from optpass.cost_models.model_cost import predict_forward
+from optpass.cost_models.selection import OBJECTIVES
+from optpass.errors import ConfigError, UnknownPassError, UnsupportedModelError
+from optpass.measure import interleaved_times, no_grad, weight_bytes
+from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig
+from optpass.pass_manager import PassManager
+from optpass.plan import Plan, PlanStep
+from optpass.progress import track
+from optpass.quality import QualityBudget, QualityGuard
+from optpass.registry import get_pass, pass_for_config, registered_passes
+from optpass.report import CandidateRecord, OptimizationReport
+
+PassSpec = str | list[str | PassConfig | Pass]
+
+
+def resolve_passes(passes: PassSpec) -> tuple[list[Pass], bool]:
+    """`"auto"` -> every registered pass with its default config; else names / configs / pass objects."""
+    if passes == "auto":
+        return [cls() for name, cls in sorted(registered_passes().items()) if not getattr(cls, "test_only", False)], True
+    if isinstance(passes, str):
+        passes = [p.strip() for p in passes.split(",") if p.strip()]
+    if not isinstance(passes, (list, tuple)) or not passes:
+        raise UnknownPassError(f"passes must be 'auto', a pass name, or a non-empty list; got {passes!r}")
+    resolved: list[Pass] = []
+    for item in passes:
+        if isinstance(item, Pass):
+            resolved.append(item)
+        elif isinstance(item, PassConfig):
+            resolved.append(pass_for_config(item))
+        elif isinstance(item, str):
+            resolved.append(get_pass(item)())
+        else:
+            raise UnknownPassError(f"cannot use {item!r} as a pass: give a name, a config object or a Pass")
+    names = [p.name for p in resolved]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a pass is listed twice in {names}")
+    return resolved, False
+
+
+def resolve_budget(budget: QualityBudget | str | dict | None, kind: str) -> QualityBudget:
+    if budget is None:
+        return QualityBudget.default_for(kind)
+    if isinstance(budget, QualityBudget):
+        return budget
+    if isinstance(budget, str):
+        return QualityBudget.parse(budget)
+    if isinstance(budget, dict):
+        try:
+            return QualityBudget(**budget)
+        except TypeError as e:
+            raise ConfigError(f"quality_budget: {e}") from e
+    raise ConfigError(f"quality_budget must be a QualityBudget, str, dict or None; got {type(budget).__name__}")
+
+
+def _gather_candidates(passes: list[Pass], graph: Any, spec: Any) -> list[Candidate]:
+    found: list[Candidate] = []
+    for p in passes:
+        try:
+            found.extend(p.candidates(graph, spec))
+        except Exception as e:  # noqa: BLE001 - a pass that cannot plan is reported, not fatal
+            found.append(Candidate.skip(p.name, (), f"candidates() raised {type(e).__name__}: {e}"))
+    return found
+
+
+def optimize(
+    model: nn.Module,
+    target: str = "cpu",
+    example_inputs: tuple[Any, ...] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    passes: PassSpec = "auto",
+    quality_budget: QualityBudget | str | dict | None = None,
+    calibration_data: Any = None,
+    inplace: bool = False,
+    objective: str = "latency",
+) -> nn.Module:
+    """Optimize `model` for `target`; see the module docstring. Returns the optimized model."""
+    start = time.perf_counter()
+    if isinstance(model, str):
+        from optpass.models import BUILTIN_MODELS
+
+        if model not in BUILTIN_MODELS:
+            raise UnsupportedModelError(f"unknown model name {model!r}; built-in names: {', '.join(BUILTIN_MODELS)}")
+        model = BUILTIN_MODELS[model]()[0]
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"optimize() needs a torch.nn.Module (or a built-in model name), got {type(model).__name__}")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    spec = get_spec(target)
+    pass_list, auto = resolve_passes(passes)
+    adapter = adapter_for(model)
+    budget = resolve_budget(quality_budget, adapter.kind)
+    was_training = model.training
+    model.eval()
+
+    stages = iter(track(range(5), "optpass optimize", total=5))
+    next(stages)
+    graph = capture(model, example_inputs, example_kwargs)
+    example = Batch(tuple(example_inputs or ()), dict(example_kwargs or {})) if (example_inputs or example_kwargs) \
+        else adapter.example_batch(model)
+
+    next(stages)
+    candidates = _gather_candidates(pass_list, graph, spec)
+    decisions = select(candidates, auto=auto, objective=objective, path="module")
+    report = OptimizationReport(target=spec.name, model=type(model).__name__, capture=graph.summary(), budget=budget.to_dict())
+    report.candidates = [
+        CandidateRecord(d.candidate.pass_name, d.candidate.label, len(d.candidate.sites), d.chosen, d.reason,
+                        d.candidate.estimate.relative_gain if d.candidate.estimate else None,
+                        d.candidate.estimate.d_peak_memory if d.candidate.estimate else None,
+                        d.candidate.estimate.crossover if d.candidate.estimate else None)
+        for d in decisions
+    ]
+    plan = Plan(target=spec.name, steps=[PlanStep(p, [d.candidate for d in decisions if d.chosen and d.candidate.pass_name == p.name])
+                                         for p in pass_list])
+    report.plan = plan.to_dict()
+
+    next(stages)
+    verify_batches, verify_note = adapter.data_batches(model, calibration_data, "verify", example)
+    calib_batches, calib_note = adapter.data_batches(model, calibration_data, "calibrate", example)
+    report.notes.append(f"quality measured on {verify_note}; calibration on {calib_note}")
+    guard = QualityGuard(adapter, model, verify_batches, budget)
+    report.quality_reference = dict(guard.reference_metrics)
+
+    next(stages)
+    if not any(step.chosen for step in plan.steps):
+        report.notes.append("nothing to optimize: no pass had a chosen candidate for this model and target")
+    context = ApplyContext(target=spec, calibration=calib_batches, graph=graph)
+    optimized, report.passes = PassManager(guard).run(model, plan, context)
+    if optimized is model:
+        optimized = copy.deepcopy(model)
+    applied = [r for r in report.passes if r.status == "applied"]
+    report.quality_final = applied[-1].quality if applied else dict(guard.evaluate(optimized))
+
+    next(stages)
+    _measure(report, model, optimized, example, graph, spec, decisions, applied)
+    report.seconds = time.perf_counter() - start
+    model.train(was_training)
+    optimized.optpass_report = report
+    optimized.optpass_plan = plan
+    if inplace:
+        _transplant(model, optimized)
+        return model
+    return optimized
+
+
+def _measure(report: OptimizationReport, baseline: nn.Module, optimized: nn.Module, batch: Batch, graph: Any,
+             spec: Any, decisions: list, applied: list) -> None:
+    """Predicted vs measured latency on the example batch (interleaved medians) and weight memory."""
+    shape = next(iter(graph.example_shapes.values()), ())
+    b, s = (shape[0], shape[1]) if len(shape) >= 2 else (1, 1)
+    predicted_base = predict_forward(graph, spec, b, s)
+    applied_names = {r.name for r in applied}
+    gain = sum(d.candidate.estimate.d_latency for d in decisions
+               if d.chosen and d.candidate.estimate and d.candidate.pass_name in applied_names)
+    times = interleaved_times({"baseline": no_grad(lambda: batch.run(baseline)),
+                               "optimized": no_grad(lambda: batch.run(optimized))}, rounds=5)
+    report.latency = {
+        "shape": f"batch {b} x seq {s}",
+        "baseline_ms": 1e3 * sorted(times["baseline"])[len(times["baseline"]) // 2],
+        "optimized_ms": 1e3 * sorted(times["optimized"])[len(times["optimized"]) // 2],
+        "predicted_baseline_ms": 1e3 * predicted_base,
+        "predicted_optimized_ms": 1e3 * (predicted_base + gain),
+    }
+    d_mem = sum(d.candidate.estimate.d_peak_memory for d in decisions
+                if d.chosen and d.candidate.estimate and d.candidate.pass_name in applied_names)
+    base_bytes = weight_bytes(baseline)
+    report.memory = {"baseline_bytes": base_bytes, "optimized_bytes": weight_bytes(optimized),
+                     "predicted_optimized_bytes": base_bytes + d_mem}
+
+
+def _transplant(target: nn.Module, source: nn.Module) -> None:
+    """Make the caller's object become the optimized model (for `inplace=True`)."""
+    target.__class__ = source.__class__
+    target.__dict__ = source.__dict__
+    torch.nn.Module.eval(target)

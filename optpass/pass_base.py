@@ -1,0 +1,132 @@
+"""The pass API: a versioned config, candidates with cost estimates, and one `apply` per path.
+
+A pass never mutates the user's config: everything resolved while planning (chosen sites, bit
+widths, thresholds) goes into `Candidate.params`, which the `Plan` carries to `apply`, the report
+and the checkpoint. Two application paths share that plan: `apply` rewrites modules of a live model
+(so `generate()`, pipelines and `save_pretrained` keep working) and `rewrite_graph` rewrites an FX
+graph (the `torch.compile` / export path). A pass without a graph path says so with a reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import fx, nn
+
+if TYPE_CHECKING:
+    from optpass.cost_models.estimate import RewriteEstimate
+    from optpass.cost_models.hardware import HardwareSpec
+    from optpass.sites import ModelGraph
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Base of every pass config: frozen, versioned, JSON round-trippable. Validate in `__post_init__`."""
+
+    version: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PassConfig:
+        from optpass.errors import ConfigError
+
+        data = dict(data)
+        version = data.pop("version", cls.version)
+        if version > cls.version:
+            raise ConfigError(f"{cls.__name__}: config version {version} is newer than this optpass ({cls.version})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One rewrite the pass could make: where (sites), how (resolved params), and what the cost model predicts.
+
+    A candidate that cannot be applied carries `reason` and `viable=False`; it is reported, never raised.
+    """
+
+    pass_name: str
+    sites: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+    estimate: RewriteEstimate | None = None
+    viable: bool = True
+    reason: str = ""
+    label: str = ""  # short human name, e.g. "int8 blocks" or "lm_head int8"
+    paths: tuple[str, ...] = ("module", "graph")  # where it can be applied: module-level and/or FX graph
+
+    @classmethod
+    def skip(cls, pass_name: str, sites: tuple[str, ...], reason: str, label: str = "") -> Candidate:
+        return cls(pass_name=pass_name, sites=sites, viable=False, reason=reason, label=label)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.pass_name,
+            "label": self.label,
+            "sites": list(self.sites),
+            "params": self.params,
+            "viable": self.viable,
+            "paths": list(self.paths),
+            "reason": self.reason,
+            "estimate": self.estimate.to_dict() if self.estimate else None,
+        }
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What `apply` did. `modified=False` with a `reason` means the pass found nothing to do."""
+
+    pass_name: str
+    model: nn.Module | fx.GraphModule
+    modified: bool
+    sites: tuple[str, ...] = ()
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(ABC):
+    """A rewrite family. Subclasses set `name` and `config_cls` and implement `candidates` and `apply`."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[PassConfig]]
+    requires: ClassVar[tuple[str, ...]] = ()  # passes that must also be in the plan, and run first
+    runs_after: ClassVar[tuple[str, ...]] = ()  # ordering only: if both are planned, run after these
+    conflicts: ClassVar[tuple[str, ...]] = ()  # passes that must not be in the same plan
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: PassConfig | None = None) -> None:
+        if config is None:
+            config = self.config_cls()
+        if not isinstance(config, self.config_cls):
+            from optpass.errors import ConfigError
+
+            raise ConfigError(f"pass {self.name!r} takes a {self.config_cls.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    @abstractmethod
+    def candidates(self, graph: ModelGraph, target: HardwareSpec) -> list[Candidate]:
+        """Find the sites this pass could rewrite and estimate each rewrite with the cost model."""
+
+    @abstractmethod
+    def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
+        """Rewrite `model` (already a private copy) at the chosen candidates' sites, at module level."""
+
+    def rewrite_graph(self, gm: fx.GraphModule, chosen: list[Candidate]) -> PassResult:
+        """Rewrite an FX graph from the same plan; passes without a graph form report why."""
+        return PassResult(self.name, gm, modified=False, reason=f"{self.name} has no FX-graph rewrite")
+
+
+@dataclass
+class ApplyContext:
+    """What `apply` may need beyond the model: calibration batches and the target."""
+
+    target: HardwareSpec
+    calibration: list[Any] = field(default_factory=list)
+    graph: ModelGraph | None = None

@@ -18,6 +18,7 @@ from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig, PassRes
 from optpass.quality import QualityBudget
 from optpass.registry import get_pass, register_pass, registered_passes
 from optpass.report import OptimizationReport
+from optpass import cost_models  # noqa: F401  (optpass.cost_models.get_spec)
 
 __version__ = "0.1.0"
 __all__ = [

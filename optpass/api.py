@@ -21,7 +21,7 @@ from optpass.cost_models.selection import OBJECTIVES
 from optpass.errors import ConfigError, UnknownPassError, UnsupportedModelError
 from optpass.measure import interleaved_times, no_grad, weight_bytes
 from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig
-from optpass.pass_manager import PassManager
+from optpass.pass_manager import PassManager, order_steps
 from optpass.plan import Plan, PlanStep
 from optpass.progress import track
 from optpass.quality import QualityBudget, QualityGuard
@@ -34,7 +34,7 @@ PassSpec = str | list[str | PassConfig | Pass]
 def resolve_passes(passes: PassSpec) -> tuple[list[Pass], bool]:
     """`"auto"` -> every registered pass with its default config; else names / configs / pass objects."""
     if passes == "auto":
-        return [cls() for name, cls in sorted(registered_passes().items()) if not getattr(cls, "test_only", False)], True
+        return [cls() for _, cls in sorted(registered_passes().items())], True
     if isinstance(passes, str):
         passes = [p.strip() for p in passes.split(",") if p.strip()]
     if not isinstance(passes, (list, tuple)) or not passes:
@@ -105,6 +105,7 @@ def optimize(
         raise ConfigError(f"objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
     spec = get_spec(target)
     pass_list, auto = resolve_passes(passes)
+    order_steps([PlanStep(p, []) for p in pass_list])  # fail fast on cycles / conflicts, before any work
     adapter = adapter_for(model)
     budget = resolve_budget(quality_budget, adapter.kind)
     was_training = model.training

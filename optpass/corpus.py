@@ -34,18 +34,23 @@ def token_windows(tokenizer: Any, window: int, count: int, offset_windows: int =
     return ids[start : start + count * window].view(count, window)
 
 
+PASSKEY_PREAMBLE = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n\n"
+)
+
+
 def passkey_prompt(tokenizer: Any, context_tokens: int, depth: float, key: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """A haystack of corpus text of about `context_tokens` tokens with the pass key hidden at `depth`
-    (0 = start, 1 = end), followed by the question. Returns (input ids [1, n], expected answer)."""
+    (0 = start, 1 = end), in the standard passkey format (Mohtashami & Jaggi, 2023), followed by the
+    question. Returns (input ids [1, n], expected answer)."""
     rng = random.Random(seed)
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    needle = f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
     question = "\n\nWhat is the pass key? The pass key is"
-    budget = context_tokens - len(tokenizer(needle + question).input_ids)
+    budget = context_tokens - len(tokenizer(PASSKEY_PREAMBLE + needle + question).input_ids)
     text = corpus_text()
     start = rng.randrange(0, len(text) // 2)
     filler_ids = tokenizer(text[start : start + budget * 8], add_special_tokens=False).input_ids[:budget]
     cut = int(len(filler_ids) * depth)
-    before = tokenizer.decode(filler_ids[:cut])
-    after = tokenizer.decode(filler_ids[cut:])
-    ids = tokenizer(before + needle + after + question, return_tensors="pt").input_ids
-    return ids, str(key)
+    prompt = PASSKEY_PREAMBLE + tokenizer.decode(filler_ids[:cut]) + needle + tokenizer.decode(filler_ids[cut:]) + question
+    return tokenizer(prompt, return_tensors="pt").input_ids, str(key)

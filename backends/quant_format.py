@@ -1,8 +1,10 @@
 """The canonical quantized-weight format every backend and the checkpoint share.
 
 int8 weight-only: symmetric per output channel.  W[n, k] ~= q[n, k] * scale[n],  q int8 in [-127, 127].
-int4 weight-only: asymmetric per group of `group_size` input channels.
-    W[n, k] ~= (q[n, k] - zero[n, g]) * scale[n, g],  g = k // group_size,  q and zero uint8 in [0, 15];
+int4 weight-only: asymmetric per group of `group_size` input channels, with a float zero point.
+    W[n, k] ~= (q[n, k] - zero[n, g]) * scale[n, g],  g = k // group_size,  q uint8 in [0, 15], zero fp32;
+    a float zero (as in tinygemm / HQQ / GGUF Q4_1's per-block minimum) keeps each group's min exact,
+    where an integer zero point would shift the whole grid by up to half a step;
     stored packed two per byte along K: packed[n, j] = q[n, 2j] | q[n, 2j + 1] << 4.
 Backends convert from this format to their kernel's layout (tinygemm for CPU, registers for Triton).
 """
@@ -25,17 +27,16 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group-wise asymmetric int4 (min/max): returns (q uint8 [N, K], scale fp32 [N, G], zero uint8 [N, G])."""
+    """Group-wise asymmetric int4 (min/max): returns (q uint8 [N, K], scale fp32 [N, G], zero fp32 [N, G])."""
     n, k = w.shape
     if k % group_size:
         raise ValueError(f"in_features {k} is not divisible by group_size {group_size}")
     g = w.float().view(n, k // group_size, group_size)
-    lo = g.amin(dim=-1).clamp(max=0.0)
-    hi = g.amax(dim=-1).clamp(min=0.0)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = ((hi - lo) / 15.0).clamp_min(1e-12)
-    zero = torch.round(-lo / scale).clamp(0, 15)
-    q = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15)
-    return q.view(n, k).to(torch.uint8), scale, zero.to(torch.uint8)
+    zero = -lo / scale
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    return q.view(n, k).to(torch.uint8), scale, zero
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:

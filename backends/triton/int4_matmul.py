@@ -3,7 +3,7 @@
     y[M, N] = sum_g (x[:, g] @ (q[:, g] - zero[:, g]).T) * scale[:, g]   (+ bias[N])
 
 with the canonical format of `optpass.backends.quant_format`: packed uint8 [N, K/2] (even k in the
-low nibble, odd k in the high nibble), scale fp32 [N, K/group_size], zero uint8 [N, K/group_size].
+low nibble, odd k in the high nibble), scale fp32 [N, K/group_size], zero fp32 (or uint8) [N, K/group_size].
 
 The kernel walks K one quantization group at a time (BLOCK_K == group_size, so K has no tail):
 it loads the [group_size/2, BLOCK_N] packed bytes, splits them into the even-k (low nibble) and
@@ -90,7 +90,7 @@ def int4_weight_only_matmul(
     group_size: int,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """x [M, K], packed uint8 [N, K/2], scale [N, K/gs], zero uint8 [N, K/gs], bias [N] or None -> y [M, N]."""
+    """x [M, K], packed uint8 [N, K/2], scale [N, K/gs], zero fp32 [N, K/gs], bias [N] or None -> y [M, N]."""
     m, k = x.shape
     n = packed.shape[0]
     if not supports_group_size(group_size):
@@ -99,8 +99,8 @@ def int4_weight_only_matmul(
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, packed {tuple(packed.shape)}, group {group_size}")
     if tuple(scale.shape) != (n, k // group_size) or tuple(zero.shape) != (n, k // group_size):
         raise ValueError(f"scale/zero must be [{n}, {k // group_size}], got {tuple(scale.shape)}/{tuple(zero.shape)}")
-    if packed.dtype != torch.uint8 or zero.dtype != torch.uint8:
-        raise TypeError("packed and zero must be uint8")
+    if packed.dtype != torch.uint8 or zero.dtype not in (torch.uint8, torch.float32):
+        raise TypeError("packed must be uint8 and zero float32 (or uint8)")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y

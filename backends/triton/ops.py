@@ -5,7 +5,7 @@
         y [..., N] in x.dtype,  y = x @ (q * scale[:, None]).T + bias
     torch.ops.optpass.int4_weight_only_linear(x, packed, scale, zero, group_size, bias) -> y
         x [..., K];  packed uint8 [N, K/2] (even k low nibble, odd k high nibble);
-        scale fp32 [N, K/group_size];  zero uint8 [N, K/group_size];  bias [N] or None
+        scale fp32 [N, K/group_size];  zero fp32 [N, K/group_size];  bias [N] or None
         y [..., N] in x.dtype,  y = x @ ((q - zero) * scale per group).T + bias
 
 Weights use the canonical format of `optpass.backends.quant_format`.  Each op is a single opaque

@@ -1,0 +1,52 @@
+"""`optpass::gemv_int8` / `optpass::gemv_int4`: memory-bound weight-only GEMV for CPU decode.
+
+y[M, N] = x[M, K] @ dequant(W)[N, K].T with fp32 activations and M <= 8 (decode rows).
+PyTorch's `_weight_int8pack_mm` streams cold weights at ~12 GB/s on the 2-core AVX-512 machine of
+shared/PEERS.md; `csrc/gemv.cpp` (four independent accumulators) reaches ~18-24 GB/s. The ops are
+registered with the dispatcher in C++, so a compiled decode step calls them with no Python in between;
+fake impls here let torch.export / torch.compile trace them as single opaque ops. The library is built
+on first use with torch.utils.cpp_extension (~30 s, cached). If the build fails (no compiler),
+`available()` is False and callers keep using the aten kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+MAX_ROWS = 8
+_SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Build (once) and load the kernels; False when they cannot be built here."""
+    if os.environ.get("OPTPASS_NO_CPP") == "1":
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        from optpass.progress import status
+
+        with status("loading optpass CPU GEMV kernels (built on first use, ~30 s)"):
+            load("optpass_gemv", [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - no compiler / ninja: fall back to the aten kernels
+        warnings.warn(f"optpass: CPU GEMV kernels unavailable ({type(e).__name__}: {e}); using aten kernels")
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("optpass::gemv_int8")
+    def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], q.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("optpass::gemv_int4")
+    def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], packed.shape[0]), dtype=torch.float32)

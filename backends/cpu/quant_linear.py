@@ -1,0 +1,156 @@
+"""Quantized linear modules that call PyTorch's packed CPU kernels (and the Triton ops on CUDA).
+
+y[..., N] = x[..., K] @ W.T (+ b) with W stored in the canonical format of `backends/quant_format.py`:
+- `Int8Linear`: decode rows (M <= 8) use optpass's memory-bound GEMV (`gemv_ops.py`, fp32 activations);
+  M >= `w8a8_min_rows` (the cost model's crossover) uses W8A8 dynamic: activations quantized per token and
+  `torch._int_mm` (VNNI); in between, `aten._weight_int8pack_mm`.
+- `Int4Linear`: `aten._weight_int4pack_mm_for_cpu` on the tinygemm layout derived from the canonical one for
+  few rows; above `dequant_min_rows` the weight is dequantized to bf16 for a compute-bound GEMM.
+PyTorch's packed kernels are fast only with bf16 activations (fp32 takes a reference path ~10x slower), so
+they run in `act_dtype` (bf16 by default); outputs come back in the input's dtype.
+Canonical tensors are persistent buffers (what a checkpoint stores); kernel layouts are derived ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from optpass.backends.cpu import gemv_ops
+from optpass.backends.triton import ops as _triton_ops  # noqa: F401 - registers the CUDA ops
+from optpass.backends.quant_format import (
+    dequantize_int4,
+    dequantize_int8,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+
+aten = torch.ops.aten
+
+
+class QuantizedLinear(nn.Module):
+    """Shared shape handling: flatten leading dims, GEMM in `act_dtype`, add bias, restore dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, act_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.act_dtype = in_features, out_features, act_dtype
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, self.in_features))
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def storage_bytes(self) -> int:
+        """Bytes a decode step reads for this layer (canonical quantized tensors)."""
+        return sum(b.numel() * b.element_size() for _, b in self.named_buffers(recurse=False) if not _derived(self, b))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, act_dtype={self.act_dtype}"
+
+
+def _derived(module: nn.Module, buf: torch.Tensor) -> bool:
+    return any(buf is getattr(module, n, None) for n in getattr(module, "_derived_names", ()))
+
+
+class Int8Linear(QuantizedLinear):
+    """Weight-only int8 (per output channel, symmetric); W8A8 dynamic above `w8a8_min_rows` rows."""
+
+    _derived_names = ("kernel_scale", "qweight_t")
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 act_dtype: torch.dtype = torch.bfloat16, w8a8_min_rows: int | None = None) -> None:
+        super().__init__(q.shape[1], q.shape[0], bias, act_dtype)
+        self.register_buffer("qweight", q.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("kernel_scale", self.scale.to(act_dtype), persistent=False)
+        self.w8a8_min_rows = w8a8_min_rows
+        self.use_gemv = gemv_ops.available()  # resolved (and built) here, never inside a compiled region
+        self.register_buffer("qweight_t", self.qweight.t().contiguous() if w8a8_min_rows else None, persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act_dtype: torch.dtype = torch.bfloat16,
+                    w8a8_min_rows: int | None = None) -> Int8Linear:
+        q, scale = quantize_int8(linear.weight.detach())
+        return cls(q, scale, linear.bias, act_dtype, w8a8_min_rows)
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        rows = x2d.shape[0]
+        if x2d.is_cuda:
+            return torch.ops.optpass.int8_weight_only_linear(x2d.to(self.act_dtype), self.qweight, self.scale, None)
+        if rows <= gemv_ops.MAX_ROWS and self.use_gemv:
+            return torch.ops.optpass.gemv_int8(x2d.float(), self.qweight, self.scale)
+        if self.w8a8_min_rows is not None and rows >= self.w8a8_min_rows:
+            return self._w8a8(x2d)
+        return aten._weight_int8pack_mm(x2d.to(self.act_dtype), self.qweight, self.kernel_scale)
+
+    def _w8a8(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Dynamic per-token int8 activations: y = (xq @ qT) * s_x * s_w, int32 accumulation (VNNI)."""
+        x = x2d.float()
+        s_x = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+        xq = torch.round(x / s_x).clamp(-127, 127).to(torch.int8)
+        return torch._int_mm(xq, self.qweight_t).float() * s_x * self.scale
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scale)
+
+
+class Int4Linear(QuantizedLinear):
+    """Weight-only int4, group-wise asymmetric with float zero points (tinygemm kernel on CPU)."""
+
+    _derived_names = ("kernel_weight", "kernel_scales_zeros")
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None = None, act_dtype: torch.dtype = torch.bfloat16,
+                 dequant_min_rows: int | None = 16) -> None:
+        super().__init__(packed.shape[1] * 2, packed.shape[0], bias, act_dtype)
+        self.group_size, self.dequant_min_rows = group_size, dequant_min_rows
+        self.register_buffer("qweight", packed.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("zero", zero.float().contiguous())
+        q = unpack_int4(self.qweight).to(torch.int32)
+        self.register_buffer("kernel_weight", aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        # tinygemm computes (q - 8) * s + z_f; ours is (q - zero) * s, so z_f = (8 - zero) * s.
+        sz = torch.stack([self.scale, (8.0 - self.zero) * self.scale], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("kernel_scales_zeros", sz.to(act_dtype), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int, act_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
+        q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
+        return cls(pack_int4(q), scale, zero, group_size, linear.bias, act_dtype)
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if x2d.is_cuda:
+            return torch.ops.optpass.int4_weight_only_linear(
+                x2d.to(self.act_dtype), self.qweight, self.scale, self.zero, self.group_size, None)
+        if self.dequant_min_rows is not None and x2d.shape[0] >= self.dequant_min_rows:
+            w = self.dequantized_weight().to(self.act_dtype)  # compute-bound: one dequant, then a bf16 GEMM
+            return torch.nn.functional.linear(x2d.to(self.act_dtype), w)
+        return aten._weight_int4pack_mm_for_cpu(x2d.to(self.act_dtype), self.kernel_weight, self.group_size,
+                                                self.kernel_scales_zeros)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_int4(unpack_int4(self.qweight), self.scale, self.zero, self.group_size)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+def int4_supported(in_features: int, out_features: int, group_size: int) -> str | None:
+    """None if the CPU int4 kernel takes this shape, else the reason it cannot."""
+    if in_features % group_size:
+        return f"in_features {in_features} is not divisible by group_size {group_size}"
+    if in_features % 2:
+        return f"in_features {in_features} is odd (int4 packs two values per byte)"
+    return None

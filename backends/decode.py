@@ -1,0 +1,103 @@
+"""Static-shape compiled decode for Hugging Face causal LMs.
+
+At SmolLM2's size a decode step is dominated by per-token overhead, not bytes: HF's `generate()` loop,
+dynamo guard evaluation and Python dispatch each cost milliseconds. `StaticDecoder` keeps one
+`StaticCache` (fixed shapes), compiles the one-token step (embedding -> logits -> argmax) once with
+Inductor (freezing on, so weights become constants), skips guard evaluation on the hot loop, and runs a
+minimal greedy loop. Prefill runs eager (its shapes vary). `install_fast_generate` routes plain greedy
+`generate()` calls through it and leaves every other call to Hugging Face.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StaticDecoder:
+    """Greedy decoding with a static KV cache and a compiled one-token step."""
+
+    def __init__(self, model: nn.Module, max_cache_len: int = 1024, compile: bool = True) -> None:
+        from transformers import StaticCache
+
+        self.model = model
+        self.max_cache_len = max_cache_len
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self._compile = compile
+        self._step_fn = None
+        self._batch: int | None = None
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=token, past_key_values=self.cache, cache_position=position, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    @property
+    def step(self):
+        if self._step_fn is None:
+            options = {"freezing": True, "cpp_wrapper": True,
+                       # the step's inputs keep their shapes and the cache its storage: no guard can fail
+                       "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+            self._step_fn = (torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
+                             if self._compile else self._step)
+        return self._step_fn
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+        """Prompt + up to `max_new_tokens` greedy tokens, [B, S + new]; stops early when every row hit EOS."""
+        batch, prompt = input_ids.shape
+        if prompt + max_new_tokens > self.max_cache_len:
+            raise ValueError(f"prompt {prompt} + {max_new_tokens} new tokens exceeds the static cache ({self.max_cache_len})")
+        if self._batch not in (None, batch):
+            self._step_fn = None  # a new batch size is a new static shape
+        self._batch = batch
+        self.cache.reset()
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        logits = self.model(input_ids=input_ids, past_key_values=self.cache, cache_position=torch.arange(prompt),
+                            use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [token]
+        finished = torch.isin(token, eos) if eos.numel() else torch.zeros_like(token, dtype=torch.bool)
+        step = self.step
+        for i in range(1, max_new_tokens):
+            if eos.numel() and bool(finished.all()):
+                break
+            token = step(token, torch.tensor([prompt + i - 1]))
+            if eos.numel():
+                token = torch.where(finished, tokens[-1], token)
+                finished |= torch.isin(token, eos)
+            tokens.append(token)
+        return torch.cat([input_ids, *tokens], dim=1)
+
+
+def _is_plain_greedy(args: tuple, kwargs: dict[str, Any]) -> bool:
+    allowed = {"input_ids", "max_new_tokens", "do_sample", "attention_mask", "pad_token_id", "eos_token_id"}
+    if args or set(kwargs) - allowed or kwargs.get("do_sample"):
+        return False
+    mask = kwargs.get("attention_mask")
+    return mask is None or bool(mask.all())
+
+
+def install_fast_generate(model: nn.Module, max_cache_len: int = 1024) -> nn.Module:
+    """Make `model.generate(input_ids, max_new_tokens=..., do_sample=False)` use a `StaticDecoder`.
+
+    Anything else (sampling, beams, padding, streamers, processors) goes to the original `generate`.
+    """
+    original = model.generate
+    decoder = StaticDecoder(model, max_cache_len=max_cache_len)
+
+    def generate(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        rest = args[1:] if args else ()
+        plain = ids is not None and _is_plain_greedy(rest, {k: v for k, v in kwargs.items() if k != "input_ids"})
+        new = kwargs.get("max_new_tokens")
+        if not plain or new is None or ids.shape[1] + new > decoder.max_cache_len:
+            return original(*args, **kwargs)
+        eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
+        return decoder.generate(ids, new, eos)
+
+    model.generate = types.MethodType(generate, model)
+    model.optpass_decoder = decoder
+    return model

@@ -30,9 +30,16 @@ class StaticDecoder:
         self._step_fn = None
         self._batch: int | None = None
 
-    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def __deepcopy__(self, memo: dict) -> StaticDecoder:
+        """A copied model gets a fresh decoder (its own cache; it compiles on its first use)."""
+        import copy
+
+        return StaticDecoder(copy.deepcopy(self.model, memo), self.max_cache_len, self._compile)
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+        """One greedy step; `banned` [V] masks tokens out of the argmax (EOS before `min_new_tokens`)."""
         out = self.model(input_ids=token, past_key_values=self.cache, cache_position=position, use_cache=True)
-        return out.logits[:, -1].argmax(-1, keepdim=True)
+        return out.logits[:, -1].masked_fill(banned, float("-inf")).argmax(-1, keepdim=True)
 
     @property
     def step(self):
@@ -45,8 +52,10 @@ class StaticDecoder:
         return self._step_fn
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None) -> torch.Tensor:
-        """Prompt + up to `max_new_tokens` greedy tokens, [B, S + new]; stops early when every row hit EOS."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+                 min_new_tokens: int = 0) -> torch.Tensor:
+        """Prompt + up to `max_new_tokens` greedy tokens, [B, S + new]; stops early when every row hit EOS.
+        As in HF, EOS cannot be chosen before `min_new_tokens` tokens."""
         batch, prompt = input_ids.shape
         if prompt + max_new_tokens > self.max_cache_len:
             raise ValueError(f"prompt {prompt} + {max_new_tokens} new tokens exceeds the static cache ({self.max_cache_len})")
@@ -54,17 +63,20 @@ class StaticDecoder:
             self._step_fn = None  # a new batch size is a new static shape
         self._batch = batch
         self.cache.reset()
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), dtype=torch.long)
+        vocab = self.model.config.vocab_size
+        no_ban = torch.zeros(vocab, dtype=torch.bool)
+        eos_ban = no_ban.clone().index_fill_(0, eos, True) if eos.numel() else no_ban
         logits = self.model(input_ids=input_ids, past_key_values=self.cache, cache_position=torch.arange(prompt),
-                            use_cache=True).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
+                            use_cache=True).logits[:, -1]
+        token = logits.masked_fill(eos_ban if min_new_tokens > 0 else no_ban, float("-inf")).argmax(-1, keepdim=True)
         tokens = [token]
         finished = torch.isin(token, eos) if eos.numel() else torch.zeros_like(token, dtype=torch.bool)
         step = self.step
         for i in range(1, max_new_tokens):
             if eos.numel() and bool(finished.all()):
                 break
-            token = step(token, torch.tensor([prompt + i - 1]))
+            token = step(token, torch.tensor([prompt + i - 1]), eos_ban if i < min_new_tokens else no_ban)
             if eos.numel():
                 token = torch.where(finished, tokens[-1], token)
                 finished |= torch.isin(token, eos)
@@ -73,31 +85,32 @@ class StaticDecoder:
 
 
 def _is_plain_greedy(args: tuple, kwargs: dict[str, Any]) -> bool:
-    allowed = {"input_ids", "max_new_tokens", "do_sample", "attention_mask", "pad_token_id", "eos_token_id"}
+    allowed = {"input_ids", "max_new_tokens", "min_new_tokens", "do_sample", "attention_mask", "pad_token_id",
+               "eos_token_id"}
     if args or set(kwargs) - allowed or kwargs.get("do_sample"):
         return False
     mask = kwargs.get("attention_mask")
     return mask is None or bool(mask.all())
 
 
+def _fast_generate(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`generate()` for models with an `optpass_decoder`: plain greedy calls take the static path."""
+    decoder: StaticDecoder = self.optpass_decoder
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
+    new = kwargs.get("max_new_tokens")
+    if ids is None or new is None or not _is_plain_greedy(args[1:], rest) or ids.shape[1] + new > decoder.max_cache_len:
+        return type(self).generate(self, *args, **kwargs)
+    eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
+    return decoder.generate(ids, new, eos, kwargs.get("min_new_tokens") or 0)
+
+
 def install_fast_generate(model: nn.Module, max_cache_len: int = 1024) -> nn.Module:
     """Make `model.generate(input_ids, max_new_tokens=..., do_sample=False)` use a `StaticDecoder`.
 
-    Anything else (sampling, beams, padding, streamers, processors) goes to the original `generate`.
+    Anything else (sampling, beams, padding, streamers, processors) goes to the class's `generate`.
+    The hook lives on the instance (`model.generate`, `model.optpass_decoder`), so `deepcopy` carries it.
     """
-    original = model.generate
-    decoder = StaticDecoder(model, max_cache_len=max_cache_len)
-
-    def generate(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        rest = args[1:] if args else ()
-        plain = ids is not None and _is_plain_greedy(rest, {k: v for k, v in kwargs.items() if k != "input_ids"})
-        new = kwargs.get("max_new_tokens")
-        if not plain or new is None or ids.shape[1] + new > decoder.max_cache_len:
-            return original(*args, **kwargs)
-        eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
-        return decoder.generate(ids, new, eos)
-
-    model.generate = types.MethodType(generate, model)
-    model.optpass_decoder = decoder
+    model.optpass_decoder = StaticDecoder(model, max_cache_len=max_cache_len)
+    model.generate = types.MethodType(_fast_generate, model)
     return model

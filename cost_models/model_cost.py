@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from optpass.cost_models.estimate import DTYPE_BYTES, RewriteEstimate, linear_time, op_time
+from optpass.cost_models.estimate import RewriteEstimate, op_time
+from optpass.cost_models.quantization import linear_seconds
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.sites import ModelGraph
 
@@ -16,9 +17,7 @@ def predict_forward(graph: ModelGraph, spec: HardwareSpec, batch: int, seq: int,
     context = context or seq
     total = 0.0
     for site in graph.linears:
-        w_bytes = site.weight_numel * DTYPE_BYTES.get(site.dtype, 4.0)
-        act = site.dtype if site.dtype in DTYPE_BYTES else "fp32"
-        total += linear_time(site.in_features, site.out_features, tokens, w_bytes, act, spec)
+        total += linear_seconds(site, "fp32", tokens, spec)
     for att in graph.attentions:
         flops = 4.0 * batch * att.num_heads * seq * context * att.head_dim * (0.5 if att.causal and seq > 1 else 1.0)
         kv_bytes = 2.0 * batch * att.num_kv_heads * context * att.head_dim * 4
@@ -28,12 +27,11 @@ def predict_forward(graph: ModelGraph, spec: HardwareSpec, batch: int, seq: int,
 
 
 def baseline_latency(graph: ModelGraph, spec: HardwareSpec) -> float:
-    """Predicted forward time at the capture's example shape (cached per graph and target)."""
+    """Predicted forward time at the graph's estimate shape (cached per graph and target)."""
     cache = graph.__dict__.setdefault("_baseline_cache", {})
     if spec.name not in cache:
-        shape = next(iter(graph.example_shapes.values()), (1, 1))
-        b, s = (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (1, 1)
-        cache[spec.name] = predict_forward(graph, spec, b, s)
+        b, s, ctx = graph.estimate_shape
+        cache[spec.name] = predict_forward(graph, spec, b, s, ctx)
     return cache[spec.name]
 
 

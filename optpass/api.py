@@ -7,6 +7,7 @@ The caller's model is never mutated unless `inplace=True`; the returned model ke
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from typing import Any
 
@@ -142,11 +143,12 @@ def optimize(
     next(stages)
     if not any(step.chosen for step in plan.steps):
         report.notes.append("nothing to optimize: no pass had a chosen candidate for this model and target")
-    context = ApplyContext(target=spec, calibration=calib_batches, graph=graph)
+    context = ApplyContext(target=spec, calibration=calib_batches, graph=graph, guard=guard)
     optimized, report.passes = PassManager(guard).run(model, plan, context)
     if optimized is model:
         optimized = copy.deepcopy(model)
     applied = [r for r in report.passes if r.status == "applied"]
+    _mark_not_kept(report)
     report.quality_final = applied[-1].quality if applied else dict(guard.evaluate(optimized))
 
     next(stages)
@@ -163,27 +165,41 @@ def optimize(
 
 def _measure(report: OptimizationReport, baseline: nn.Module, optimized: nn.Module, batch: Batch, graph: Any,
              spec: Any, decisions: list, applied: list) -> None:
-    """Predicted vs measured latency on the example batch (interleaved medians) and weight memory."""
-    shape = next(iter(graph.example_shapes.values()), ())
-    b, s = (shape[0], shape[1]) if len(shape) >= 2 else (1, 1)
-    predicted_base = predict_forward(graph, spec, b, s)
+    """Predicted vs measured latency at the graph's estimate shape (interleaved medians) and weight memory."""
+    b, s, ctx = graph.estimate_shape
+    if graph.model_kind == "causal_lm":
+        batch = Batch(kwargs={"input_ids": torch.zeros(b, s, dtype=torch.long), "use_cache": False})
+    predicted_base = predict_forward(graph, spec, b, s, ctx)
     applied_names = {r.name for r in applied}
-    gain = sum(d.candidate.estimate.d_latency for d in decisions
-               if d.chosen and d.candidate.estimate and d.candidate.pass_name in applied_names)
+    chosen = [d.candidate for d in decisions if d.chosen and d.candidate.estimate and d.candidate.pass_name in applied_names]
+    kept = {site for r in applied for site in r.sites}
+    gain = sum(c.estimate.d_latency for c in chosen if set(c.sites) & kept or not c.sites)
     times = interleaved_times({"baseline": no_grad(lambda: batch.run(baseline)),
-                               "optimized": no_grad(lambda: batch.run(optimized))}, rounds=5)
+                               "optimized": no_grad(lambda: batch.run(optimized))}, rounds=7)
     report.latency = {
-        "shape": f"batch {b} x seq {s}",
-        "baseline_ms": 1e3 * sorted(times["baseline"])[len(times["baseline"]) // 2],
-        "optimized_ms": 1e3 * sorted(times["optimized"])[len(times["optimized"]) // 2],
+        "shape": f"eager forward, batch {b} x {s} tokens",
+        "baseline_ms": 1e3 * statistics.median(times["baseline"]),
+        "optimized_ms": 1e3 * statistics.median(times["optimized"]),
         "predicted_baseline_ms": 1e3 * predicted_base,
         "predicted_optimized_ms": 1e3 * (predicted_base + gain),
     }
-    d_mem = sum(d.candidate.estimate.d_peak_memory for d in decisions
-                if d.chosen and d.candidate.estimate and d.candidate.pass_name in applied_names)
+    d_mem = sum(c.estimate.d_peak_memory for c in chosen if set(c.sites) & kept or not c.sites)
     base_bytes = weight_bytes(baseline)
     report.memory = {"baseline_bytes": base_bytes, "optimized_bytes": weight_bytes(optimized),
                      "predicted_optimized_bytes": base_bytes + d_mem}
+
+
+def _mark_not_kept(report: OptimizationReport) -> None:
+    """Chosen alternatives that a pass tried and dropped (or a rolled-back pass's candidates) are not chosen."""
+    outcome = {r.name: r for r in report.passes}
+    for rec in report.candidates:
+        record = outcome.get(rec.pass_name)
+        if not rec.chosen or record is None:
+            continue
+        if record.status != "applied":
+            rec.chosen, rec.reason = False, f"{record.status}: {record.reason}"
+        elif rec.label in record.details.get("not_kept", {}):
+            rec.chosen, rec.reason = False, f"not kept: {record.details['not_kept'][rec.label]}"
 
 
 def _transplant(target: nn.Module, source: nn.Module) -> None:

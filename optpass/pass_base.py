@@ -81,7 +81,11 @@ class Candidate:
 
 @dataclass(frozen=True)
 class PassResult:
-    """What `apply` did. `modified=False` with a `reason` means the pass found nothing to do."""
+    """What `apply` did. `modified=False` with a `reason` means the pass found nothing to do.
+
+    When chosen candidates are alternatives (int8 vs int4 for the same sites), `details["not_kept"]` maps
+    each label the pass tried and dropped to the reason, so the report can say why.
+    """
 
     pass_name: str
     model: nn.Module | fx.GraphModule
@@ -125,8 +129,10 @@ class Pass(ABC):
 
 @dataclass
 class ApplyContext:
-    """What `apply` may need beyond the model: calibration batches and the target."""
+    """What `apply` may need beyond the model: calibration batches, the target, the captured graph, and the
+    quality guard (so a pass can pick, per site, the most aggressive variant that stays within budget)."""
 
     target: HardwareSpec
     calibration: list[Any] = field(default_factory=list)
     graph: ModelGraph | None = None
+    guard: Any = None  # optpass.quality.QualityGuard

@@ -86,10 +86,17 @@ class ModelGraph:
     modules: dict[str, str] = field(default_factory=dict)  # module path -> class name, for modules that ran
 
     @property
-    def example_tokens(self) -> int:
-        """Batch x sequence of the capture's example input: the shape candidate estimates are made at."""
+    def estimate_shape(self) -> tuple[int, int, int]:
+        """(batch, new tokens, context) that candidate estimates and the report's latency are made at:
+        one decode step (batch 1, one token) for causal LMs, the example input's shape otherwise."""
         shape = next(iter(self.example_shapes.values()), (1, 1))
-        return int(shape[0]) * int(shape[1]) if len(shape) >= 2 else 1
+        b, s = (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (1, 1)
+        return (1, 1, s) if self.model_kind == "causal_lm" else (b, s, s)
+
+    @property
+    def example_tokens(self) -> int:
+        b, s, _ = self.estimate_shape
+        return b * s
 
     def linear(self, name: str) -> LinearSite:
         for site in self.linears:

@@ -2,8 +2,9 @@
 
 y[..., N] = x[..., K] @ W.T (+ b) with W stored in the canonical format of `backends/quant_format.py`:
 - `Int8Linear`: decode rows (M <= 8) use optpass's memory-bound GEMV (`gemv_ops.py`, fp32 activations);
-  M >= `w8a8_min_rows` (the cost model's crossover) uses W8A8 dynamic: activations quantized per token and
-  `torch._int_mm` (VNNI); in between, `aten._weight_int8pack_mm`.
+  M >= `w8a8_min_rows` (opt-in, at the cost model's crossover) uses W8A8 dynamic: activations quantized per
+  token and `torch._int_mm` (VNNI); other M >= `dequant_min_rows` dequantize to bf16 for a compute-bound GEMM;
+  the few rows in between use `aten._weight_int8pack_mm`.
 - `Int4Linear`: `aten._weight_int4pack_mm_for_cpu` on the tinygemm layout derived from the canonical one for
   few rows; above `dequant_min_rows` the weight is dequantized to bf16 for a compute-bound GEMM.
 PyTorch's packed kernels are fast only with bf16 activations (fp32 takes a reference path ~10x slower), so
@@ -37,6 +38,11 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.act_dtype = in_features, out_features, act_dtype
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        # kernel layouts derive from the canonical tensors: rebuild them whenever a state dict is loaded
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_kernels())
+
+    def refresh_kernels(self) -> None:
+        """Recompute derived (non-persistent) kernel buffers from the canonical ones."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -52,32 +58,41 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def storage_bytes(self) -> int:
-        """Bytes a decode step reads for this layer (canonical quantized tensors)."""
-        return sum(b.numel() * b.element_size() for _, b in self.named_buffers(recurse=False) if not _derived(self, b))
+    decode_tensors: tuple[str, ...] = ()
+
+    def decode_bytes(self) -> int:
+        """Bytes a decode step (few rows) reads for this layer: the tensors its CPU kernel streams."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.decode_tensors)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, act_dtype={self.act_dtype}"
 
 
-def _derived(module: nn.Module, buf: torch.Tensor) -> bool:
-    return any(buf is getattr(module, n, None) for n in getattr(module, "_derived_names", ()))
+def _dequantized_gemm(x2d: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Compute-bound rows: dequantize once per call, then a bf16 GEMM (weight-only kernels run ~5x slower here)."""
+    return torch.nn.functional.linear(x2d.to(dtype), weight.to(dtype))
 
 
 class Int8Linear(QuantizedLinear):
     """Weight-only int8 (per output channel, symmetric); W8A8 dynamic above `w8a8_min_rows` rows."""
 
-    _derived_names = ("kernel_scale", "qweight_t")
+    decode_tensors = ("qweight", "scale")
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 act_dtype: torch.dtype = torch.bfloat16, w8a8_min_rows: int | None = None) -> None:
+                 act_dtype: torch.dtype = torch.bfloat16, w8a8_min_rows: int | None = None,
+                 dequant_min_rows: int | None = 16) -> None:
         super().__init__(q.shape[1], q.shape[0], bias, act_dtype)
+        self.dequant_min_rows = dequant_min_rows
         self.register_buffer("qweight", q.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.float().contiguous())
-        self.register_buffer("kernel_scale", self.scale.to(act_dtype), persistent=False)
         self.w8a8_min_rows = w8a8_min_rows
         self.use_gemv = gemv_ops.available()  # resolved (and built) here, never inside a compiled region
-        self.register_buffer("qweight_t", self.qweight.t().contiguous() if w8a8_min_rows else None, persistent=False)
+        self.refresh_kernels()
+
+    def refresh_kernels(self) -> None:
+        self.register_buffer("kernel_scale", self.scale.to(self.act_dtype), persistent=False)
+        t = self.qweight.t().contiguous() if self.w8a8_min_rows else None
+        self.register_buffer("qweight_t", t, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, act_dtype: torch.dtype = torch.bfloat16,
@@ -93,6 +108,8 @@ class Int8Linear(QuantizedLinear):
             return torch.ops.optpass.gemv_int8(x2d.float(), self.qweight, self.scale)
         if self.w8a8_min_rows is not None and rows >= self.w8a8_min_rows:
             return self._w8a8(x2d)
+        if self.dequant_min_rows is not None and rows >= self.dequant_min_rows:
+            return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
         return aten._weight_int8pack_mm(x2d.to(self.act_dtype), self.qweight, self.kernel_scale)
 
     def _w8a8(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -109,7 +126,7 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """Weight-only int4, group-wise asymmetric with float zero points (tinygemm kernel on CPU)."""
 
-    _derived_names = ("kernel_weight", "kernel_scales_zeros")
+    decode_tensors = ("kernel_weight", "kernel_scales_zeros")
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, act_dtype: torch.dtype = torch.bfloat16,
@@ -119,11 +136,14 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", packed.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero", zero.float().contiguous())
+        self.refresh_kernels()
+
+    def refresh_kernels(self) -> None:
         q = unpack_int4(self.qweight).to(torch.int32)
         self.register_buffer("kernel_weight", aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
         # tinygemm computes (q - 8) * s + z_f; ours is (q - zero) * s, so z_f = (8 - zero) * s.
         sz = torch.stack([self.scale, (8.0 - self.zero) * self.scale], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("kernel_scales_zeros", sz.to(act_dtype), persistent=False)
+        self.register_buffer("kernel_scales_zeros", sz.to(self.act_dtype), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, act_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
@@ -135,8 +155,7 @@ class Int4Linear(QuantizedLinear):
             return torch.ops.optpass.int4_weight_only_linear(
                 x2d.to(self.act_dtype), self.qweight, self.scale, self.zero, self.group_size, None)
         if self.dequant_min_rows is not None and x2d.shape[0] >= self.dequant_min_rows:
-            w = self.dequantized_weight().to(self.act_dtype)  # compute-bound: one dequant, then a bf16 GEMM
-            return torch.nn.functional.linear(x2d.to(self.act_dtype), w)
+            return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
         return aten._weight_int4pack_mm_for_cpu(x2d.to(self.act_dtype), self.kernel_weight, self.group_size,
                                                 self.kernel_scales_zeros)
 

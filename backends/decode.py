@@ -10,6 +10,7 @@ minimal greedy loop. Prefill runs eager (its shapes vary). `install_fast_generat
 
 from __future__ import annotations
 
+import itertools
 import types
 from typing import Any
 
@@ -17,18 +18,36 @@ import torch
 from torch import nn
 
 
+MIN_BUCKET = 256
+_STEP_IDS = itertools.count()
+
+
+def _own_code(fn: types.FunctionType) -> types.FunctionType:
+    """A copy of `fn` with its own code object. Dynamo caches compiled graphs per code object, and with guards
+    skipped nothing would tell two decoders' (or two buckets') steps apart: each must have its own code."""
+    code = fn.__code__.replace(co_name=f"optpass_decode_step_{next(_STEP_IDS)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def cache_bucket(needed: int, max_cache_len: int) -> int:
+    """The static cache length for a call: the smallest power of two >= `needed` (at least MIN_BUCKET).
+    Each decode step attends over the whole static cache, so a 1024-slot cache for a 192-token call
+    would read 4x the KV bytes; buckets bound that waste at 2x while keeping shapes static."""
+    bucket = MIN_BUCKET
+    while bucket < needed:
+        bucket *= 2
+    return min(bucket, max_cache_len)
+
+
 class StaticDecoder:
-    """Greedy decoding with a static KV cache and a compiled one-token step."""
+    """Greedy decoding with static KV caches (one per length bucket) and a compiled one-token step each."""
 
     def __init__(self, model: nn.Module, max_cache_len: int = 1024, compile: bool = True) -> None:
-        from transformers import StaticCache
-
         self.model = model
         self.max_cache_len = max_cache_len
-        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         self._compile = compile
-        self._step_fn = None
-        self._batch: int | None = None
+        self._buckets: dict[tuple[int, int], tuple[Any, Any]] = {}  # (batch, length) -> (cache, step)
+        self.cache: Any = None
 
     def __deepcopy__(self, memo: dict) -> StaticDecoder:
         """A copied model gets a fresh decoder (its own cache; it compiles on its first use)."""
@@ -41,15 +60,25 @@ class StaticDecoder:
         out = self.model(input_ids=token, past_key_values=self.cache, cache_position=position, use_cache=True)
         return out.logits[:, -1].masked_fill(banned, float("-inf")).argmax(-1, keepdim=True)
 
-    @property
-    def step(self):
-        if self._step_fn is None:
+    def _select(self, batch: int, needed: int) -> Any:
+        """Make the cache of this (batch, bucket) current and return its step function."""
+        from transformers import StaticCache
+
+        key = (batch, cache_bucket(needed, self.max_cache_len))
+        if key not in self._buckets:
+            cache = StaticCache(config=self.model.config, max_cache_len=key[1])
             options = {"freezing": True, "cpp_wrapper": True,
-                       # the step's inputs keep their shapes and the cache its storage: no guard can fail
+                       # the step's inputs keep their shapes and its cache its storage: no guard can fail
                        "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
-            self._step_fn = (torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
-                             if self._compile else self._step)
-        return self._step_fn
+
+            def step(token: torch.Tensor, position: torch.Tensor, banned: torch.Tensor, cache: Any = cache) -> torch.Tensor:
+                self.cache = cache
+                return self._step(token, position, banned)
+
+            compiled = torch.compile(_own_code(step), fullgraph=True, dynamic=False, options=options) if self._compile else step
+            self._buckets[key] = (cache, compiled)
+        self.cache, step_fn = self._buckets[key]
+        return step_fn
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
@@ -59,9 +88,7 @@ class StaticDecoder:
         batch, prompt = input_ids.shape
         if prompt + max_new_tokens > self.max_cache_len:
             raise ValueError(f"prompt {prompt} + {max_new_tokens} new tokens exceeds the static cache ({self.max_cache_len})")
-        if self._batch not in (None, batch):
-            self._step_fn = None  # a new batch size is a new static shape
-        self._batch = batch
+        step = self._select(batch, prompt + max_new_tokens)
         self.cache.reset()
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), dtype=torch.long)
         vocab = self.model.config.vocab_size
@@ -72,7 +99,6 @@ class StaticDecoder:
         token = logits.masked_fill(eos_ban if min_new_tokens > 0 else no_ban, float("-inf")).argmax(-1, keepdim=True)
         tokens = [token]
         finished = torch.isin(token, eos) if eos.numel() else torch.zeros_like(token, dtype=torch.bool)
-        step = self.step
         for i in range(1, max_new_tokens):
             if eos.numel() and bool(finished.all()):
                 break

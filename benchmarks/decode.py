@@ -44,11 +44,13 @@ class HFRunner:
     """A HF model (optionally through its static-cache compile path, or optpass's fast generate)."""
 
     def __init__(self, model: Any, compiled: bool = False) -> None:
-        self.model, self.compiled, self.cache = model, compiled, None
+        self.model, self.compiled = model, compiled
         if compiled:
             from transformers import CompileConfig, StaticCache
 
-            self.cache = StaticCache(config=model.config, max_cache_len=PREFILL + 8)
+            # decode gets a 256-slot cache, as optpass's bucket for 64 + 128 tokens; prefill-512 its own
+            # (HF runs prefill eager and compiles only the decode step, so the second cache compiles nothing)
+            self.caches = {n: StaticCache(config=model.config, max_cache_len=n) for n in (256, PREFILL + 8)}
             self.config = CompileConfig(fullgraph=False, dynamic=False)
             self.config._compile_all_devices = True
 
@@ -56,8 +58,9 @@ class HFRunner:
     def generate(self, ids: torch.Tensor, new: int) -> torch.Tensor:
         kwargs: dict[str, Any] = {"max_new_tokens": new, "do_sample": False}
         if self.compiled:
-            self.cache.reset()
-            kwargs.update(past_key_values=self.cache, compile_config=self.config)
+            cache = self.caches[256 if ids.shape[1] + new <= 256 else PREFILL + 8]
+            cache.reset()
+            kwargs.update(past_key_values=cache, compile_config=self.config)
         if new > 1:
             kwargs["min_new_tokens"] = new  # EOS suppressed: every config decodes all 128 tokens
         return self.model.generate(ids, **kwargs)

@@ -169,3 +169,25 @@ def test_smollm2_int8_greedy_matches_fp32(smollm2):
     matched = int((got[0] == want[0]).cumprod(0).sum()) - ids.shape[1]
     assert matched >= 20, tok.decode(got[0])
     assert out.optpass_report.passes[0].quality["ppl_increase"] < 0.01
+
+
+def test_two_compiled_decoders_do_not_share_graphs():
+    """Guards are skipped on the hot loop, so each decoder's step must compile on its own."""
+    from optpass.backends.decode import StaticDecoder
+
+    a, b = tiny_llama(seed=1), tiny_llama(seed=2)
+    ids = torch.randint(0, 256, (1, 5))
+    for model in (a, b):
+        got = StaticDecoder(model, max_cache_len=64).generate(ids, 6, eos_token_id=None)
+        assert torch.equal(got, model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None))
+
+
+def test_fast_generate_honours_min_new_tokens():
+    from optpass.backends.decode import StaticDecoder
+
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 5))
+    eos = int(model.generate(ids, max_new_tokens=1, do_sample=False)[0, -1])  # make the first greedy token EOS
+    want = model.generate(ids, max_new_tokens=6, min_new_tokens=4, do_sample=False, eos_token_id=eos)
+    got = StaticDecoder(model, max_cache_len=64, compile=False).generate(ids, 6, eos_token_id=eos, min_new_tokens=4)
+    assert torch.equal(got, want)

@@ -101,24 +101,25 @@ class QuantizePass(Pass):
         by_group: dict[str, list[Candidate]] = {}
         for cand in chosen:
             by_group.setdefault(cand.params["group"], []).append(cand)
-        decisions: dict[str, Any] = {}
+        groups: dict[str, dict[str, Any]] = {}
+        self._notes: dict[str, Any] = {}
         sites: list[str] = []
         for group in ("blocks", "lm_head"):
             ranked = sorted(by_group.get(group, []), key=lambda c: c.estimate.d_latency if c.estimate else 0.0)
             kept, tried = self._first_within_budget(model, ranked, context)
-            decisions[group] = {"kept": kept.label if kept else "float", "tried": tried}
+            groups[group] = {"kept": kept.label if kept else "float", "tried": tried}
             if kept:
                 sites.extend(kept.sites)
+        tried_all = [t for g in groups.values() for t in g["tried"]]
         if not sites:
-            return PassResult(self.name, model, False, reason="no scheme stayed within the quality budget: "
-                              + "; ".join(f"{t['label']}: {t['why']}" for g in decisions.values() for t in g["tried"]),
-                              details=decisions)
-        decisions["not_kept"] = {t["label"]: t["why"] for g in decisions.values() for t in g["tried"]
-                                 if t["label"] != g["kept"]}
-        for group in ("blocks", "lm_head"):
-            for cand in by_group.get(group, []):
-                if cand.label != decisions[group]["kept"] and cand.label not in decisions["not_kept"]:
-                    decisions["not_kept"][cand.label] = f"{decisions[group]['kept']} was kept first"
+            return PassResult(self.name, model, False, details=groups, reason="no scheme stayed within the quality "
+                              "budget: " + "; ".join(f"{t['label']}: {t['why']}" for t in tried_all))
+        not_kept = {t["label"]: t["why"] for t in tried_all if t["label"] not in {g["kept"] for g in groups.values()}}
+        for group, cands in by_group.items():
+            for cand in cands:
+                if cand.label != groups[group]["kept"]:
+                    not_kept.setdefault(cand.label, f"{groups[group]['kept']} was kept first")
+        decisions: dict[str, Any] = {**groups, **self._notes, "not_kept": not_kept}
         _tie_embedding(model)
         if self.config.fast_decode and hasattr(model, "generate") and hasattr(model, "config"):
             from optpass.backends.decode import install_fast_generate
@@ -132,7 +133,7 @@ class QuantizePass(Pass):
         """Try schemes fastest-first; keep the first whose measured quality is within budget."""
         tried: list[dict[str, Any]] = []
         for cand in ranked:
-            originals = _swap(model, cand, self.config, context)
+            originals = _swap(model, cand, self.config, context, self._notes)
             if context.guard is None or len(ranked) == 1:
                 tried.append({"label": cand.label, "why": "kept (no alternative to compare)"})
                 return cand, tried
@@ -146,13 +147,17 @@ class QuantizePass(Pass):
         return None, tried
 
 
-def _swap(model: nn.Module, cand: Candidate, cfg: QuantizeConfig, context: ApplyContext) -> dict[str, nn.Module]:
-    """Replace each site's nn.Linear with its quantized module; return the originals for rollback."""
+def _swap(model: nn.Module, cand: Candidate, cfg: QuantizeConfig, context: ApplyContext,
+          notes: dict[str, Any]) -> dict[str, nn.Module]:
+    """Replace each site's nn.Linear with its quantized module; return the originals for rollback.
+    AWQ scaling is function-preserving in float, so a rolled-back candidate leaves an equivalent model."""
     scheme, gs = cand.params["scheme"], cand.params["group_size"]
-    if scheme == "int4" and cfg.awq and context.calibration:
+    if scheme == "int4" and cfg.awq and context.calibration and context.graph is not None:
         from optpass.passes.awq import apply_awq
 
-        apply_awq(model, cand.sites, gs, context.calibration, context.graph)
+        awq = apply_awq(model, cand.sites, gs, context.calibration, context.graph)
+        notes[f"awq {cand.label}"] = {"mean_alpha": sum(awq["alphas"].values()) / max(len(awq["alphas"]), 1),
+                                      "groups": len(awq["alphas"]), "unscaled": awq["unscaled"]}
     originals = {}
     for path in cand.sites:
         parent_path, _, attr = path.rpartition(".")

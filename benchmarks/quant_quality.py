@@ -67,7 +67,7 @@ def main() -> None:
         record = out.optpass_report.passes[0]
         ppl, kl, _ = score(out, reference)
         rows.append({"variant": label, "perplexity": ppl, "ppl_increase": ppl / base_ppl - 1, "kl_vs_fp32": kl,
-                     "status": record.status, "seconds": round(time.perf_counter() - t, 1),
+                     "status": record.status, "sites_quantized": len(record.sites), "seconds": round(time.perf_counter() - t, 1),
                      "awq_mean_alpha": next((round(v["mean_alpha"], 3) for k, v in record.details.items()
                                              if k.startswith("awq")), "-")})
         print(rows[-1], file=sys.stderr, flush=True)

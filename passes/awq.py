@@ -26,8 +26,15 @@ GRID = 20
 MAX_TOKENS = 512
 
 
+_PASS_THROUGH = {"alias", "slice", "view", "reshape", "clone", "contiguous", "_to_copy", "to"}
+
+
 def _fold_target(node: fx.Node, model: nn.Module) -> tuple[str, str] | None:
-    """("norm", path) or ("rows", linear path) if the producer of `node` can absorb a per-channel scale."""
+    """("norm", path) or ("rows", linear path) if the producer of `node` can absorb a per-channel scale.
+    Single-use shape-only ops in between (HF's `logits_to_keep` slice of the LM head input) are looked through."""
+    while (node.op == "call_function" and len(node.users) == 1 and isinstance(node.args[0], fx.Node)
+           and getattr(node.target, "__name__", "").split(".")[0] in _PASS_THROUGH):
+        node = node.args[0]
     if node.op != "call_function" or getattr(node.target, "__name__", "") not in ("mul.Tensor", "mul"):
         return None
     for a, b in (node.args[:2], node.args[1::-1]):

@@ -152,7 +152,7 @@ def optimize(
     report.quality_final = applied[-1].quality if applied else dict(guard.evaluate(optimized))
 
     next(stages)
-    _measure(report, model, optimized, example, graph, spec, decisions, applied)
+    _measure(report, model, optimized, example, graph, spec)
     report.seconds = time.perf_counter() - start
     model.train(was_training)
     optimized.optpass_report = report
@@ -164,16 +164,14 @@ def optimize(
 
 
 def _measure(report: OptimizationReport, baseline: nn.Module, optimized: nn.Module, batch: Batch, graph: Any,
-             spec: Any, decisions: list, applied: list) -> None:
+             spec: Any) -> None:
     """Predicted vs measured latency at the graph's estimate shape (interleaved medians) and weight memory."""
     b, s, ctx = graph.estimate_shape
     if graph.model_kind == "causal_lm":
         batch = Batch(kwargs={"input_ids": torch.zeros(b, s, dtype=torch.long), "use_cache": False})
     predicted_base = predict_forward(graph, spec, b, s, ctx)
-    applied_names = {r.name for r in applied}
-    chosen = [d.candidate for d in decisions if d.chosen and d.candidate.estimate and d.candidate.pass_name in applied_names]
-    kept = {site for r in applied for site in r.sites}
-    gain = sum(c.estimate.d_latency for c in chosen if set(c.sites) & kept or not c.sites)
+    kept = [c for c in report.candidates if c.chosen]  # after _mark_not_kept: alternatives dropped
+    gain = sum(c.predicted_gain or 0.0 for c in kept)
     times = interleaved_times({"baseline": no_grad(lambda: batch.run(baseline)),
                                "optimized": no_grad(lambda: batch.run(optimized))}, rounds=7)
     report.latency = {
@@ -181,9 +179,9 @@ def _measure(report: OptimizationReport, baseline: nn.Module, optimized: nn.Modu
         "baseline_ms": 1e3 * statistics.median(times["baseline"]),
         "optimized_ms": 1e3 * statistics.median(times["optimized"]),
         "predicted_baseline_ms": 1e3 * predicted_base,
-        "predicted_optimized_ms": 1e3 * (predicted_base + gain),
+        "predicted_optimized_ms": 1e3 * predicted_base * (1 - gain),
     }
-    d_mem = sum(c.estimate.d_peak_memory for c in chosen if set(c.sites) & kept or not c.sites)
+    d_mem = sum(c.predicted_memory or 0.0 for c in kept)
     base_bytes = weight_bytes(baseline)
     report.memory = {"baseline_bytes": base_bytes, "optimized_bytes": weight_bytes(optimized),
                      "predicted_optimized_bytes": base_bytes + d_mem}

@@ -9,7 +9,6 @@ from typing import Any
 from optpass.cost_models.hardware import HardwareSpec
 
 _CANONICAL = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-DTYPE_BYTES = {"float32": 4.0, "fp32": 4.0, "bfloat16": 2.0, "bf16": 2.0, "float16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
 @dataclass(frozen=True)
@@ -45,12 +44,3 @@ def op_time(flops: float, bytes_moved: float, spec: HardwareSpec, dtype: str, ki
     compute = flops / (spec.flops(canonical_dtype(dtype)) * eff) if flops else 0.0
     memory = bytes_moved / (spec.mem_bandwidth * spec.efficiency.get("memory", 0.8))
     return max(compute, memory, spec.launch_floor)
-
-
-def linear_time(in_f: int, out_f: int, tokens: int, weight_bytes: float, act_dtype: str, spec: HardwareSpec,
-                extra_launches: int = 0) -> float:
-    """One linear layer over `tokens` rows: 2*T*K*N FLOPs; weights read once, activations in and out."""
-    act = DTYPE_BYTES.get(act_dtype, 4.0)
-    flops = 2.0 * tokens * in_f * out_f
-    moved = weight_bytes + tokens * (in_f + out_f) * act
-    return op_time(flops, moved, spec, act_dtype) + extra_launches * spec.launch_floor

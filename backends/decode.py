@@ -55,9 +55,9 @@ class StaticDecoder:
 
         return StaticDecoder(copy.deepcopy(self.model, memo), self.max_cache_len, self._compile)
 
-    def _step(self, token: torch.Tensor, position: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    def _step(self, token: torch.Tensor, position: torch.Tensor, banned: torch.Tensor, cache: Any) -> torch.Tensor:
         """One greedy step; `banned` [V] masks tokens out of the argmax (EOS before `min_new_tokens`)."""
-        out = self.model(input_ids=token, past_key_values=self.cache, cache_position=position, use_cache=True)
+        out = self.model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True)
         return out.logits[:, -1].masked_fill(banned, float("-inf")).argmax(-1, keepdim=True)
 
     def _select(self, batch: int, needed: int) -> Any:
@@ -72,8 +72,7 @@ class StaticDecoder:
                        "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
 
             def step(token: torch.Tensor, position: torch.Tensor, banned: torch.Tensor, cache: Any = cache) -> torch.Tensor:
-                self.cache = cache
-                return self._step(token, position, banned)
+                return self._step(token, position, banned, cache)
 
             compiled = torch.compile(_own_code(step), fullgraph=True, dynamic=False, options=options) if self._compile else step
             self._buckets[key] = (cache, compiled)

@@ -6,7 +6,6 @@ speed figure optpass prints comes from the same protocol: same process, interlea
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 
@@ -26,10 +25,6 @@ def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int = 5, war
             fn()
             times[name].append(time.perf_counter() - start)
     return times
-
-
-def summarize(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -102,11 +102,11 @@ class QuantizePass(Pass):
         for cand in chosen:
             by_group.setdefault(cand.params["group"], []).append(cand)
         groups: dict[str, dict[str, Any]] = {}
-        self._notes: dict[str, Any] = {}
+        notes: dict[str, Any] = {}
         sites: list[str] = []
         for group in ("blocks", "lm_head"):
             ranked = sorted(by_group.get(group, []), key=lambda c: c.estimate.d_latency if c.estimate else 0.0)
-            kept, tried = self._first_within_budget(model, ranked, context)
+            kept, tried = self._first_within_budget(model, ranked, context, notes)
             groups[group] = {"kept": kept.label if kept else "float", "tried": tried}
             if kept:
                 sites.extend(kept.sites)
@@ -119,7 +119,7 @@ class QuantizePass(Pass):
             for cand in cands:
                 if cand.label != groups[group]["kept"]:
                     not_kept.setdefault(cand.label, f"{groups[group]['kept']} was kept first")
-        decisions: dict[str, Any] = {**groups, **self._notes, "not_kept": not_kept}
+        decisions: dict[str, Any] = {**groups, **notes, "not_kept": not_kept}
         _tie_embedding(model)
         if self.config.fast_decode and hasattr(model, "generate") and hasattr(model, "config"):
             from optpass.backends.decode import install_fast_generate
@@ -128,12 +128,12 @@ class QuantizePass(Pass):
             decisions["fast_decode"] = f"static cache {self.config.max_cache_len}, compiled on first generate()"
         return PassResult(self.name, model, True, tuple(sites), details=decisions)
 
-    def _first_within_budget(self, model: nn.Module, ranked: list[Candidate],
-                             context: ApplyContext) -> tuple[Candidate | None, list[dict[str, Any]]]:
+    def _first_within_budget(self, model: nn.Module, ranked: list[Candidate], context: ApplyContext,
+                             notes: dict[str, Any]) -> tuple[Candidate | None, list[dict[str, Any]]]:
         """Try schemes fastest-first; keep the first whose measured quality is within budget."""
         tried: list[dict[str, Any]] = []
         for cand in ranked:
-            originals = _swap(model, cand, self.config, context, self._notes)
+            originals = _swap(model, cand, self.config, context, notes)
             if context.guard is None or len(ranked) == 1:
                 tried.append({"label": cand.label, "why": "kept (no alternative to compare)"})
                 return cand, tried

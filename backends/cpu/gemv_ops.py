@@ -1,8 +1,9 @@
-"""`optpass::gemv_int8` / `optpass::gemv_int4`: memory-bound weight-only GEMV for CPU decode.
+"""`optpass::gemv_int8`: a memory-bound int8 weight-only GEMV for CPU decode.
 
 y[M, N] = x[M, K] @ dequant(W)[N, K].T with fp32 activations and M <= 8 (decode rows).
 PyTorch's `_weight_int8pack_mm` streams cold weights at ~12 GB/s on the 2-core AVX-512 machine of
-shared/PEERS.md; `csrc/gemv.cpp` (four independent accumulators) reaches ~18-24 GB/s. The ops are
+shared/PEERS.md; `csrc/gemv.cpp` (four independent accumulators) reaches ~18-24 GB/s. (An int4 variant was slower than
+aten's tinygemm kernel on this Zen 4 CPU, so int4 uses tinygemm.) The op is
 registered with the dispatcher in C++, so a compiled decode step calls them with no Python in between;
 fake impls here let torch.export / torch.compile trace them as single opaque ops. The library is built
 on first use with torch.utils.cpp_extension (~30 s, cached). If the build fails (no compiler),
@@ -46,7 +47,3 @@ def _register_fakes() -> None:
     @torch.library.register_fake("optpass::gemv_int8")
     def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], q.shape[0]), dtype=torch.float32)
-
-    @torch.library.register_fake("optpass::gemv_int4")
-    def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-        return x.new_empty((x.shape[0], packed.shape[0]), dtype=torch.float32)

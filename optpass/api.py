@@ -95,11 +95,9 @@ def optimize(
     """Optimize `model` for `target`; see the module docstring. Returns the optimized model."""
     start = time.perf_counter()
     if isinstance(model, str):
-        from optpass.models import BUILTIN_MODELS
+        from optpass.models import load_builtin
 
-        if model not in BUILTIN_MODELS:
-            raise UnsupportedModelError(f"unknown model name {model!r}; built-in names: {', '.join(BUILTIN_MODELS)}")
-        model = BUILTIN_MODELS[model]()[0]
+        model = load_builtin(model)[0]
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"optimize() needs a torch.nn.Module (or a built-in model name), got {type(model).__name__}")
     if objective not in OBJECTIVES:

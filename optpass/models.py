@@ -135,3 +135,10 @@ def tiny_dit_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str
 
 
 BUILTIN_MODELS = {"smollm2": load_smollm2}
+
+
+def load_builtin(name: str) -> tuple[nn.Module, Any]:
+    """Load a built-in model by name -> (model, tokenizer or None); unknown names list the known ones."""
+    if name not in BUILTIN_MODELS:
+        raise UnsupportedModelError(f"unknown model name {name!r}; built-in names: {', '.join(sorted(BUILTIN_MODELS))}")
+    return BUILTIN_MODELS[name]()

@@ -122,6 +122,16 @@ class Pass(ABC):
     def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
         """Rewrite `model` (already a private copy) at the chosen candidates' sites, at module level."""
 
+    def saved_state(self, model: nn.Module) -> dict[str, Any]:
+        """JSON-able record of what this pass did to `model` beyond its weights (module layout, calibrated
+        thresholds, KV budgets, skipped layers), written into a checkpoint's `optpass_state.json`."""
+        return {}
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        """Rebuild this pass's structure on a freshly built base model from `saved_state`'s record, without
+        recalibrating; the checkpoint loads the weights (strictly) afterwards. Returns the model."""
+        return model
+
     def rewrite_graph(self, gm: fx.GraphModule, chosen: list[Candidate]) -> PassResult:
         """Rewrite an FX graph from the same plan; passes without a graph form report why."""
         return PassResult(self.name, gm, modified=False, reason=f"{self.name} has no FX-graph rewrite")

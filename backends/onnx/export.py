@@ -1,0 +1,75 @@
+"""`export_onnx(model, path)`: an (optpass-optimized) Llama-family LM -> one ONNX decode graph with an
+explicit KV cache, optpass's int4 / int8 linears as `com.microsoft::MatMulNBits`, via
+`torch.onnx.export(dynamo=True)` and a custom translation table. Writes `<path>` (weights embedded) and
+`<path>.json` (the `DecoderSpec` a runner needs: layers, KV heads, head dim, EOS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from optpass.backends.onnx.decoder import DecoderSpec, KVDecoder
+from optpass.backends.onnx.matmul_nbits import TRANSLATIONS
+from optpass.errors import OptpassError
+
+OPSET = 18
+
+
+class OnnxExportError(OptpassError):
+    """torch.onnx could not export the model; the message names the step and the cause."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    spec: DecoderSpec
+    op_counts: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+
+
+def spec_path(path: str | os.PathLike) -> Path:
+    return Path(f"{path}.json")
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, accuracy_level: int = 0, opset: int = OPSET) -> ExportResult:
+    """Export `model`'s decode step (see `backends/onnx/decoder.py`) to `path`.
+
+    accuracy_level: MatMulNBits' compute type (0 = activations stay fp32; 4 = int8 activations, faster and
+    lossier for the bits=8 weights; ORT ignores it for int4 weights with float zero points).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    decoder = KVDecoder(model, accuracy_level).eval()
+    spec = decoder.spec
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    past = decoder.empty_past(1, 2)
+    batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    dynamic = ({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past))  # *past is one tuple
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                decoder, (ids, *past), dynamo=True, dynamic_shapes=dynamic, input_names=spec.input_names(),
+                output_names=spec.output_names(), custom_translation_table=TRANSLATIONS, opset_version=opset,
+                optimize=True, verbose=False)
+    except Exception as e:  # noqa: BLE001 - re-raised typed, with the cause chained
+        raise OnnxExportError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: {e}") from e
+    tmp = path.with_name(path.name + ".tmp")
+    program.save(str(tmp), external_data=False)
+    os.replace(tmp, path)
+    spec_path(path).write_text(json.dumps(spec.to_dict(), indent=2))
+    ops = Counter(f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in program.model.graph)
+    return ExportResult(path, spec, dict(ops), path.stat().st_size)
+
+
+def load_spec(path: str | os.PathLike) -> DecoderSpec:
+    """The DecoderSpec written beside an exported model."""
+    data: dict[str, Any] = json.loads(spec_path(path).read_text())
+    return DecoderSpec(**data)

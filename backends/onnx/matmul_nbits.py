@@ -1,0 +1,167 @@
+"""optpass's canonical quantized weights in ONNX Runtime's `com.microsoft::MatMulNBits` layout, and the
+torch op + onnxscript translation that makes `torch.onnx.export(dynamo=True)` emit that node.
+
+MatMulNBits computes Y[..., N] = A[..., K] @ dequant(B).T with, per output row n and K-block b,
+    dequant(B)[n, k] = (q[n, k] - zp[n, b]) * scale[n, b],   b = k // block_size,
+B uint8 [N, K / block_size, block_size * bits / 8], low nibble first for 4 bits (the canonical int4 packing,
+reshaped), scales [N, K / block_size], zero points either packed uint8 or, as here for int4, floats of the
+scale's type (the canonical float zero; ORT computes (q - zp) * scale, checked in tests/test_onnx.py).
+int8 (symmetric per channel, q in [-127, 127]) maps exactly to bits=8: q + 128 with the default zero point
+128 and the channel's scale repeated over every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxscript
+import torch
+from torch import nn
+
+from optpass.backends.quant_format import quantize_int4, quantize_int8
+
+MSFT = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def _schema() -> onnx.defs.OpSchema:
+    """onnx ships no schemas for ORT's contrib ops; the exporter needs one to tell inputs from attributes."""
+    P, Opt = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption.Optional
+    A, INT = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType.INT
+    return onnx.defs.OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[P("A", "T1"), P("B", "T2"), P("scales", "T1"), P("zero_points", "T3", param_option=Opt)],
+        outputs=[P("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
+        attributes=[A("K", INT, ""), A("N", INT, ""), A("bits", INT, ""), A("block_size", INT, ""),
+                    A("accuracy_level", INT, "", required=False)])
+
+
+_MATMUL_NBITS = onnxscript.values.Op(MSFT, "MatMulNBits", _schema())
+INT8_BLOCK = 32  # int8 blocks only repeat the channel scale; any power of two dividing K works
+
+
+@dataclass(frozen=True)
+class NBitsWeight:
+    """One weight in MatMulNBits layout (numpy, ready to become ONNX initializers)."""
+
+    packed: np.ndarray  # uint8 [N, K / block, block * bits / 8]
+    scales: np.ndarray  # fp32 [N, K / block]
+    zeros: np.ndarray | None  # fp32 [N, K / block] (int4) or None (int8: default zero point 128)
+    in_features: int
+    out_features: int
+    bits: int
+    block_size: int
+
+
+def from_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> NBitsWeight:
+    """Canonical int4 (packed [N, K/2], scale / zero [N, G]) -> MatMulNBits bits=4, block = group."""
+    n, half = packed.shape
+    blocks = (2 * half) // group_size
+    return NBitsWeight(packed.contiguous().view(n, blocks, group_size // 2).numpy().copy(),
+                       scale.float().contiguous().numpy().copy(), zero.float().contiguous().numpy().copy(),
+                       2 * half, n, 4, group_size)
+
+
+def int8_block(in_features: int) -> int | None:
+    """Largest supported block (power of two >= 16) dividing K, or None."""
+    for block in (128, 64, INT8_BLOCK, 16):
+        if in_features % block == 0:
+            return block
+    return None
+
+
+def from_int8(q: torch.Tensor, scale: torch.Tensor) -> NBitsWeight:
+    """Canonical int8 (q [N, K] in [-127, 127], scale [N]) -> MatMulNBits bits=8, zero point 128."""
+    n, k = q.shape
+    block = int8_block(k)
+    if block is None:
+        raise ValueError(f"int8 MatMulNBits needs in_features divisible by 16, got {k}")
+    shifted = (q.to(torch.int16) + 128).to(torch.uint8).view(n, k // block, block)
+    scales = scale.float()[:, None].expand(n, k // block).contiguous()
+    return NBitsWeight(shifted.numpy().copy(), scales.numpy().copy(), None, k, n, 8, block)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, block_size: int = 32) -> NBitsWeight:
+    """A float weight [N, K] quantized with the canonical recipes, in MatMulNBits layout."""
+    if bits == 4:
+        from optpass.backends.quant_format import pack_int4
+
+        q, scale, zero = quantize_int4(weight.detach(), block_size)
+        return from_int4(pack_int4(q), scale, zero, block_size)
+    if bits == 8:
+        q, scale = quantize_int8(weight.detach())
+        return from_int8(q, scale)
+    raise ValueError(f"MatMulNBits bits={bits}; optpass supports 4 and 8")
+
+
+def dequantize(w: NBitsWeight) -> torch.Tensor:
+    """Reference dequantization of a MatMulNBits weight -> fp32 [N, K] (what ORT should compute with)."""
+    packed = torch.from_numpy(w.packed).reshape(w.out_features, -1)
+    if w.bits == 4:
+        q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).float()
+    else:
+        q = packed.float()
+    q = q.view(w.out_features, -1, w.block_size)
+    zero = torch.from_numpy(w.zeros) if w.zeros is not None else torch.full(w.scales.shape, 2.0 ** (w.bits - 1))
+    return ((q - zero[..., None]) * torch.from_numpy(w.scales)[..., None]).reshape(w.out_features, w.in_features)
+
+
+# --- the torch op the exporter sees, and its ONNX translation ------------------------------------------
+
+@torch.library.custom_op("optpass_onnx::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 in_features: int, out_features: int, bits: int, block_size: int, accuracy_level: int) -> torch.Tensor:
+    """Eager reference (dequantize + matmul); only exported graphs run the real kernel."""
+    w = NBitsWeight(packed.numpy(), scales.numpy(), None if zeros is None else zeros.numpy(),
+                    in_features, out_features, bits, block_size)
+    return x @ dequantize(w).to(x.dtype).T
+
+
+@matmul_nbits.register_fake
+def _(x, packed, scales, zeros, in_features, out_features, bits, block_size, accuracy_level):  # noqa: ANN001
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _onnx_matmul_nbits(x, packed, scales, zeros, in_features: int, out_features: int, bits: int,  # noqa: ANN001
+                       block_size: int, accuracy_level: int):
+    return _MATMUL_NBITS(x, packed, scales, zeros, K=in_features, N=out_features, bits=bits,
+                            block_size=block_size, accuracy_level=accuracy_level)
+
+
+TRANSLATIONS = {torch.ops.optpass_onnx.matmul_nbits.default: _onnx_matmul_nbits}
+
+
+class NBitsLinear(nn.Module):
+    """A linear whose export is one MatMulNBits node (weights as buffers -> initializers)."""
+
+    def __init__(self, w: NBitsWeight, bias: torch.Tensor | None, accuracy_level: int = 0) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.block_size = w.in_features, w.out_features, w.bits, w.block_size
+        self.accuracy_level = accuracy_level
+        self.register_buffer("packed", torch.from_numpy(w.packed))
+        self.register_buffer("scales", torch.from_numpy(w.scales))
+        self.register_buffer("zeros", None if w.zeros is None else torch.from_numpy(w.zeros))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = matmul_nbits(x, self.packed, self.scales, self.zeros, self.in_features, self.out_features, self.bits,
+                         self.block_size, self.accuracy_level)
+        return y if self.bias is None else y + self.bias
+
+
+def export_linear(module: nn.Module, accuracy_level: int = 0) -> nn.Module:
+    """The export form of one linear: optpass Int4Linear / Int8Linear -> NBitsLinear; float nn.Linear as is."""
+    from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear
+
+    if isinstance(module, Int4Linear):
+        w = from_int4(module.qweight, module.scale, module.zero, module.group_size)
+    elif isinstance(module, Int8Linear):
+        w = from_int8(module.qweight, module.scale)
+    else:
+        return module
+    bias = None if module.bias is None else module.bias
+    return NBitsLinear(w, bias, accuracy_level)

@@ -7,6 +7,7 @@ Exact by construction (outputs bit-identical), so it is the pass the framework's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -80,6 +81,18 @@ class DeadCodePass(Pass):
             return PassResult(self.name, model, False, reason="no Dropout module to replace on the module path "
                               "(graph no-ops are removed only on the torch.compile / export path)")
         return PassResult(self.name, model, True, tuple(replaced), details={"dropout_replaced": len(replaced)})
+
+    def saved_state(self, model: nn.Module) -> dict[str, Any]:
+        """Paths of Identity modules: on the base model these are the Dropouts this pass replaced."""
+        return {"identity": [p for p, m in model.named_modules() if isinstance(m, nn.Identity)]}
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        for path in state.get("identity", []):
+            parent_path, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            if isinstance(getattr(parent, attr, None), nn.Dropout):
+                setattr(parent, attr, nn.Identity())
+        return model
 
     def rewrite_graph(self, gm: fx.GraphModule, chosen: list[Candidate]) -> PassResult:
         removed = []

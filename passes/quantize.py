@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear, QuantizedLinear, int4_supported
 from optpass.cost_models.hardware import HardwareSpec
-from optpass.cost_models.model_cost import model_estimate
-from optpass.cost_models.quantization import linear_seconds, w8a8_crossover, weight_bytes
+from optpass.cost_models.formulas import scheme_key
+from optpass.cost_models.model_cost import rewrite_estimate
+from optpass.cost_models.quantization import w8a8_crossover, weight_bytes
 from optpass.errors import ConfigError
 from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig, PassResult
 from optpass.registry import register_pass
@@ -87,14 +88,14 @@ class QuantizePass(Pass):
         out = [Candidate.skip(self.name, (name,), f"{label}: {why}", label=label) for name, why in reasons.items() if why]
         if not ok:
             return out
-        rows = graph.example_tokens
-        d_t = sum(linear_seconds(s, scheme, rows, target, gs) - linear_seconds(s, "fp32", rows, target) for s in ok)
         d_mem = sum(weight_bytes(s, scheme, gs) - (0 if s.tied_to else weight_bytes(s, "fp32")) for s in ok)
-        crossover = min((c for s in ok if (c := w8a8_crossover(s, target)) is not None), default=None)
-        params = {"group": group, "scheme": scheme, "group_size": gs,
-                  "w8a8_min_rows": crossover if (self.config.w8a8 and scheme == "int8") else None}
-        out.append(Candidate(self.name, tuple(s.name for s in ok), params, model_estimate(graph, target, d_t, d_mem),
-                             label=label))
+        w8a8 = None
+        if self.config.w8a8 and scheme == "int8":
+            w8a8 = min((c for s in ok if (c := w8a8_crossover(s, target)) is not None), default=None)
+        params = {"group": group, "scheme": scheme, "group_size": gs, "w8a8_min_rows": w8a8}
+        overrides = {s.name: scheme_key(scheme, gs) for s in ok}
+        out.append(Candidate(self.name, tuple(s.name for s in ok), params,
+                             rewrite_estimate(graph, target, overrides, d_mem), label=label))
         return out
 
     def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
@@ -128,6 +129,39 @@ class QuantizePass(Pass):
             decisions["fast_decode"] = f"static cache {self.config.max_cache_len}, compiled on first generate()"
         return PassResult(self.name, model, True, tuple(sites), details=decisions)
 
+    def saved_state(self, model: nn.Module) -> dict[str, Any]:
+        """The quantized-module layout (scheme, shapes, group size per path) and whether fast decode is on."""
+        return {"modules": quantized_modules(model), "fast_decode": hasattr(model, "optpass_decoder"),
+                "max_cache_len": self.config.max_cache_len}
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        """Empty quantized modules at the recorded paths (tensors come from the checkpoint), no recalibration."""
+        rebuild_quantized(model, state.get("modules", {}))
+        _tie_embedding(model)
+        if state.get("fast_decode") and hasattr(model, "generate"):
+            from optpass.backends.decode import install_fast_generate
+
+            install_fast_generate(model, int(state.get("max_cache_len", self.config.max_cache_len)))
+        return model
+
+    def rewrite_graph(self, gm: fx.GraphModule, chosen: list[Candidate]) -> PassResult:
+        """Replace each chosen `linear(x, W, b)` call by a call to a quantized module built from W's value.
+        Per decision group the fastest predicted scheme wins (no quality guard on this path); weights come
+        from get_attr parameters or, for dynamo graphs, from the placeholder's `optpass_value` meta."""
+        from optpass.passes.quantize_graph import quantize_linear_calls
+
+        best: dict[str, Candidate] = {}
+        for cand in chosen:
+            group = cand.params["group"]
+            if group not in best or _d_latency(cand) < _d_latency(best[group]):
+                best[group] = cand
+        if not best:
+            return PassResult(self.name, gm, False, reason="no quantization candidate was chosen")
+        done, skipped = quantize_linear_calls(gm, list(best.values()))
+        details = {"kept": {g: c.label for g, c in best.items()}, "skipped": skipped}
+        return PassResult(self.name, gm, bool(done), tuple(done), details=details,
+                          reason="" if done else "no chosen linear call has a constant float weight")
+
     def _first_within_budget(self, model: nn.Module, ranked: list[Candidate], context: ApplyContext,
                              notes: dict[str, Any]) -> tuple[Candidate | None, list[dict[str, Any]]]:
         """Try schemes fastest-first; keep the first whose measured quality is within budget."""
@@ -145,6 +179,10 @@ class QuantizePass(Pass):
                 return cand, tried
             _restore(model, originals)
         return None, tried
+
+
+def _d_latency(cand: Candidate) -> float:
+    return cand.estimate.d_latency if cand.estimate else 0.0
 
 
 def _swap(model: nn.Module, cand: Candidate, cfg: QuantizeConfig, context: ApplyContext,

@@ -1,0 +1,95 @@
+"""Weight-only quantization of an ONNX graph: MatMul(x, W_init [K, N]) -> com.microsoft::MatMulNBits(x, B, scales
+[, zero_points]) with optpass's canonical int4 (group-wise, float zero) / int8 (per channel) recipes, as an
+onnx-ir in-place pass. Unused float initializers and Transposes are dropped afterwards, so the file shrinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import torch
+
+from optpass.backends.onnx.graph_sites import OnnxLinear, find_linears
+from optpass.backends.onnx.matmul_nbits import NBitsWeight, int8_block, quantize_weight
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """bits 4 (block = group size) or 8 (block only repeats the channel scale)."""
+
+    bits: int
+    block_size: int = 32
+
+    @property
+    def label(self) -> str:
+        return f"int4 g{self.block_size}" if self.bits == 4 else "int8"
+
+
+def unsupported(lin: OnnxLinear, scheme: Scheme) -> str | None:
+    """None if MatMulNBits with `scheme` can take this weight exactly, else why not."""
+    k = lin.site.in_features
+    if lin.weight.const_value is None or lin.weight.const_value.dtype != ir.DataType.FLOAT:
+        return "weight is not a float32 initializer"
+    if scheme.bits == 4 and k % scheme.block_size:
+        return f"K={k} is not divisible by the int4 group size {scheme.block_size}"
+    if scheme.bits == 8 and int8_block(k) is None:
+        return f"K={k} is not divisible by 16 (int8 MatMulNBits block)"
+    return None
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _replace(graph: ir.Graph, lin: OnnxLinear, w: NBitsWeight, accuracy_level: int) -> None:
+    base = (lin.weight.name or lin.node.name).replace("/", "_")
+    inputs = [lin.node.inputs[0], _initializer(graph, f"{base}.q{w.bits}", w.packed),
+              _initializer(graph, f"{base}.scales", w.scales)]
+    if w.zeros is not None:
+        inputs.append(_initializer(graph, f"{base}.zeros", w.zeros))
+    attrs = {"K": w.in_features, "N": w.out_features, "bits": w.bits, "block_size": w.block_size,
+             "accuracy_level": accuracy_level}
+    new = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attributes=ir.convenience.convert_attributes(attrs),
+                  name=f"{lin.node.name}_nbits")
+    new.outputs[0].shape, new.outputs[0].type = lin.node.outputs[0].shape, lin.node.outputs[0].type
+    ir.convenience.replace_nodes_and_values(graph, lin.node, [lin.node], [new], lin.node.outputs, new.outputs)
+
+
+class QuantizeMatMulPass(ir.passes.InPlacePass):
+    """Replace the named linears (`site.name` -> Scheme) with MatMulNBits; others stay float."""
+
+    def __init__(self, plan: dict[str, Scheme], accuracy_level: int = 0) -> None:
+        super().__init__()
+        self.plan, self.accuracy_level = plan, accuracy_level
+        self.rewritten: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        for lin in find_linears(graph):
+            scheme = self.plan.get(lin.site.name)
+            if scheme is None or unsupported(lin, scheme):
+                continue
+            array = lin.weight.const_value.numpy()
+            weight = torch.tensor(np.ascontiguousarray(array if lin.transposed else array.T))  # a copy: the initializer is read-only
+            _replace(graph, lin, quantize_weight(weight, scheme.bits, scheme.block_size), self.accuracy_level)
+            self.rewritten.append(lin.site.name)
+        if self.rewritten:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            common.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=bool(self.rewritten))
+
+
+def quantize_matmuls(model: ir.Model, plan: dict[str, Scheme], accuracy_level: int = 0) -> Sequence[str]:
+    """Apply `QuantizeMatMulPass` in place; returns the rewritten site names."""
+    p = QuantizeMatMulPass(plan, accuracy_level)
+    p(model)
+    return p.rewritten

@@ -9,13 +9,18 @@ from optpass.cli import command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="built-in model name (smollm2)")
+    p.add_argument("model", help="built-in name (smollm2, tiny-dit), a Hugging Face model directory, a .gguf file "
+                                 "or an .onnx file")
     p.add_argument("--target", default="cpu", help="cpu, cuda, h100, h200, a100, l4, rtx4090, m2, cpu-desktop")
     p.add_argument("--passes", default="auto", help="'auto' or a comma-separated list of pass names")
     p.add_argument("--quality-budget", default=None, help="e.g. 'ppl:2%%' or 'kl:0.05,top1:0.9'")
     p.add_argument("--objective", default="latency", choices=["latency", "memory"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--report-json", default=None, help="also write the report as JSON to this file")
+    p.add_argument("-o", "--output", default=None, help="write the optimized checkpoint to this directory "
+                                                        "(an .onnx path for ONNX input)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="text file used as calibration / quality data (tokenized with the model's tokenizer)")
 
 
 @command("optimize", help="optimize a model for a target and print the report", add_arguments=add_arguments)
@@ -23,17 +28,26 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import optpass
-    from optpass.models import load_builtin
+    from optpass.cli.sources import calibration_tokens, optimize_onnx_file
+    from optpass.sources import is_onnx, load_model_source
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _ = load_builtin(args.model)
     passes = args.passes.split(",") if args.passes and args.passes != "auto" else "auto"
-    optimized = optpass.optimize(model, target=args.target, passes=passes, quality_budget=args.quality_budget,
-                                 objective=args.objective)
-    report = optimized.optpass_report
+    if is_onnx(args.model):
+        report = optimize_onnx_file(args, passes)
+    else:
+        model, tokenizer = load_model_source(args.model)
+        calibration = calibration_tokens(args.calibration, tokenizer) if args.calibration else None
+        optimized = optpass.optimize(model, target=args.target, passes=passes, quality_budget=args.quality_budget,
+                                     objective=args.objective, calibration_data=calibration)
+        report = optimized.optpass_report
+        if args.output:
+            optpass.save(optimized, args.output, tokenizer=tokenizer)
     print(report)
+    if args.output:
+        print(f"wrote {args.output}")
     if args.report_json:
         with open(args.report_json, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+            json.dump(report.to_dict() if hasattr(report, "to_dict") else report, f, indent=2, default=str)
     return 0

@@ -100,9 +100,9 @@ def optimize(
 
         return optimize_onnx(model, target=target, passes=passes, quality_budget=quality_budget)
     if isinstance(model, str):
-        from optpass.models import load_builtin
+        from optpass.sources import load_model_source
 
-        model = load_builtin(model)[0]
+        model = load_model_source(model)[0]
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"optimize() needs a torch.nn.Module (or a built-in model name), got {type(model).__name__}")
     if objective not in OBJECTIVES:

@@ -19,6 +19,7 @@ from torch import nn
 
 
 MIN_BUCKET = 256
+KV_CONTEXT_BUCKET = 256  # compressed caches: budgets follow the prompt length rounded up to this
 _STEP_IDS = itertools.count()
 
 
@@ -46,27 +47,42 @@ class StaticDecoder:
         self.model = model
         self.max_cache_len = max_cache_len
         self._compile = compile
-        self._buckets: dict[tuple[int, int], tuple[Any, Any]] = {}  # (batch, length) -> (cache, step)
+        self._buckets: dict[tuple, tuple[Any, Any]] = {}  # (batch, length) -> (cache, step)
         self.cache: Any = None
+        self.kv_settings: Any = None  # a KVSettings: fixed-budget compressed cache instead of a StaticCache
 
     def __deepcopy__(self, memo: dict) -> StaticDecoder:
         """A copied model gets a fresh decoder (its own cache; it compiles on its first use)."""
         import copy
 
-        return StaticDecoder(copy.deepcopy(self.model, memo), self.max_cache_len, self._compile)
+        decoder = StaticDecoder(copy.deepcopy(self.model, memo), self.max_cache_len, self._compile)
+        decoder.kv_settings = self.kv_settings
+        return decoder
 
     def _step(self, token: torch.Tensor, position: torch.Tensor, banned: torch.Tensor, cache: Any) -> torch.Tensor:
         """One greedy step; `banned` [V] masks tokens out of the argmax (EOS before `min_new_tokens`)."""
-        out = self.model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True)
+        out = self.model(input_ids=token, past_key_values=cache, cache_position=position, position_ids=position.view(1, -1),
+                         use_cache=True)
         return out.logits[:, -1].masked_fill(banned, float("-inf")).argmax(-1, keepdim=True)
 
-    def _select(self, batch: int, needed: int) -> Any:
-        """Make the cache of this (batch, bucket) current and return its step function."""
+    def _new_cache(self, batch: int, prompt: int, needed: int) -> tuple[tuple, Any]:
+        """(bucket key, a fresh cache) for a call: a StaticCache of the length bucket, or a compressed cache
+        whose fixed budget follows the prompt's length bucket (so a few budgets cover every prompt)."""
+        if self.kv_settings is not None:
+            from optpass.backends.kv import CompressedKVCache
+
+            context = -(-prompt // KV_CONTEXT_BUCKET) * KV_CONTEXT_BUCKET
+            return (batch, "kv", context), lambda: CompressedKVCache(self.kv_settings, self.model.config.num_hidden_layers, context)
         from transformers import StaticCache
 
-        key = (batch, cache_bucket(needed, self.max_cache_len))
+        length = cache_bucket(needed, self.max_cache_len)
+        return (batch, length), lambda: StaticCache(config=self.model.config, max_cache_len=length)
+
+    def _select(self, batch: int, prompt: int, needed: int) -> Any:
+        """Make the cache of this (batch, bucket) current and return its step function."""
+        key, make_cache = self._new_cache(batch, prompt, needed)
         if key not in self._buckets:
-            cache = StaticCache(config=self.model.config, max_cache_len=key[1])
+            cache = make_cache()
             options = {"freezing": True, "cpp_wrapper": True,
                        # the step's inputs keep their shapes and its cache its storage: no guard can fail
                        "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
@@ -85,9 +101,9 @@ class StaticDecoder:
         """Prompt + up to `max_new_tokens` greedy tokens, [B, S + new]; stops early when every row hit EOS.
         As in HF, EOS cannot be chosen before `min_new_tokens` tokens."""
         batch, prompt = input_ids.shape
-        if prompt + max_new_tokens > self.max_cache_len:
+        if self.kv_settings is None and prompt + max_new_tokens > self.max_cache_len:
             raise ValueError(f"prompt {prompt} + {max_new_tokens} new tokens exceeds the static cache ({self.max_cache_len})")
-        step = self._select(batch, prompt + max_new_tokens)
+        step = self._select(batch, prompt, prompt + max_new_tokens)
         self.cache.reset()
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), dtype=torch.long)
         vocab = self.model.config.vocab_size
@@ -118,14 +134,23 @@ def _is_plain_greedy(args: tuple, kwargs: dict[str, Any]) -> bool:
     return mask is None or bool(mask.all())
 
 
-def _fast_generate(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """`generate()` for models with an `optpass_decoder`: plain greedy calls take the static path."""
-    decoder: StaticDecoder = self.optpass_decoder
+def takes_static_path(decoder: StaticDecoder, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a `generate(*args, **kwargs)` call can run on `decoder` (plain greedy, fits its cache)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     rest = {k: v for k, v in kwargs.items() if k != "input_ids"}
     new = kwargs.get("max_new_tokens")
-    if ids is None or new is None or not _is_plain_greedy(args[1:], rest) or ids.shape[1] + new > decoder.max_cache_len:
+    if ids is None or new is None or not _is_plain_greedy(args[1:], rest):
+        return False
+    return decoder.kv_settings is not None or ids.shape[1] + new <= decoder.max_cache_len
+
+
+def _fast_generate(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`generate()` for models with an `optpass_decoder`: plain greedy calls take the static path."""
+    decoder: StaticDecoder = self.optpass_decoder
+    if not takes_static_path(decoder, args, kwargs):
         return type(self).generate(self, *args, **kwargs)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    new = kwargs["max_new_tokens"]
     eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
     return decoder.generate(ids, new, eos, kwargs.get("min_new_tokens") or 0)
 

@@ -1,0 +1,185 @@
+"""KV-cache compression: a compressing cache inserted in front of every attention site.
+
+Per-layer budgets (uniform / pyramid / measured density) of policy-scored tokens (StreamingLLM sinks +
+recency, H2O heavy hitters, SnapKV observation window; optional D2O-style merging), stored packed
+(int8 / int4, KIVI layout) with a full-precision recent window. The cost model estimates a decode step at
+`config.context` tokens, so `auto` enables it only where the saved KV bytes beat the eviction work. `apply`
+measures the continuation quality of the compressed cache against the full one on corpus text and keeps
+the most aggressive keep ratio within the quality budget. Runtime: `backends/kv/`.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from optpass.backends.kv import CompressedKVCache, KVSettings, enable_compressed_attention
+from optpass.backends.kv.attention import attention_modules, is_supported
+from optpass.cost_models.hardware import HardwareSpec
+from optpass.cost_models.kv_cache import kv_estimate
+from optpass.errors import ConfigError
+from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig, PassResult
+from optpass.backends.kv.policies import POLICIES
+from optpass.backends.kv.policies.budgets import SCHEDULES, attention_density, schedule_weights
+from optpass.quality import logits_kl, top1_agreement
+from optpass.registry import register_pass
+from optpass.sites import ModelGraph
+
+AUTO_KEEPS = (0.125, 0.25, 0.5)  # tried most aggressive first under `keep="auto"`
+EVAL_CONTEXT, EVAL_CONTINUATION = 1024, 64
+
+
+@dataclass(frozen=True)
+class KVCacheConfig(PassConfig):
+    policy: str = "snapkv"  # one of backends/kv/policies (streaming, h2o, snapkv)
+    keep: float | int | str = "auto"  # ratio in (0, 1], token count, or "auto" (smallest of AUTO_KEEPS within budget)
+    bits: int | None = 8  # packed KV: 8, 4, or None (model dtype)
+    window: int = 32  # full-precision recent tokens
+    sink: int = 4
+    merge_threshold: float | None = None  # merge evicted tokens into a kept one above this key cosine similarity
+    schedule: str = "uniform"  # per-layer budgets: uniform | pyramid | density (measured on calibration text)
+    context: int = 4096  # context length the cost model plans for
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"KVCacheConfig.policy={self.policy!r}; known: {sorted(POLICIES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"KVCacheConfig.schedule={self.schedule!r}; known: {SCHEDULES}")
+        if self.keep != "auto":
+            self.settings(self.keep)  # validates ratio / token budget / bits
+        if self.context < 2:
+            raise ConfigError(f"KVCacheConfig.context={self.context}; must be >= 2")
+
+    def settings(self, keep: float | int, layer_weights: tuple[float, ...] | None = None) -> KVSettings:
+        return KVSettings(self.policy, keep, self.window, self.sink, self.bits, self.merge_threshold, layer_weights)
+
+
+@torch.no_grad()
+def continuation_quality(model: nn.Module, settings: KVSettings, windows: torch.Tensor,
+                         continuation: int = EVAL_CONTINUATION) -> dict[str, float]:
+    """KL / top-1 / perplexity change of the last `continuation` tokens of each window when the earlier tokens
+    went through the compressed cache, vs the full cache (one exact forward)."""
+    layers = model.config.num_hidden_layers
+    prefix = windows.shape[1] - continuation
+    kls, top1s, ppl_ref, ppl_new = [], [], [], []
+    for ids in windows.split(1):
+        ref = model(input_ids=ids, use_cache=False).logits[:, prefix - 1:-1].float()
+        cache = CompressedKVCache(settings, layers)
+        first = model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True).logits[:, -1:]
+        rest = model(input_ids=ids[:, prefix:-1], past_key_values=cache, use_cache=True).logits
+        new = torch.cat([first, rest], dim=1).float()
+        target = ids[:, prefix:]
+        kls.append(logits_kl(ref, new))
+        top1s.append(top1_agreement(ref, new))
+        ppl_ref.append(nn.functional.cross_entropy(ref[0], target[0]))
+        ppl_new.append(nn.functional.cross_entropy(new[0], target[0]))
+    ref_ppl = float(torch.stack(ppl_ref).mean().exp())
+    new_ppl = float(torch.stack(ppl_new).mean().exp())
+    return {"kl": sum(kls) / len(kls), "top1": sum(top1s) / len(top1s), "perplexity": new_ppl,
+            "ppl_increase": new_ppl / ref_ppl - 1}
+
+
+def _eval_windows(model: nn.Module, calibration: list[Any], context: int = EVAL_CONTEXT) -> torch.Tensor:
+    from optpass.adapters import tokenizer_for
+    from optpass.corpus import token_windows
+
+    tokenizer = tokenizer_for(model)
+    if tokenizer is not None:
+        return token_windows(tokenizer, window=context, count=2, offset_windows=3)
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, model.config.vocab_size, (2, min(context, 256)), generator=g)
+
+
+def _kv_generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """`generate()` with a compressed cache unless the caller passes one; plain greedy calls on a model with
+    optpass's static decoder take its compiled fixed-budget path."""
+    from optpass.backends.decode import takes_static_path
+
+    decoder = getattr(self, "optpass_decoder", None)
+    if kwargs.get("past_key_values") is None:
+        if decoder is not None and decoder.kv_settings is not None and takes_static_path(decoder, args, kwargs):
+            return self._optpass_inner_generate(*args, **kwargs)
+        kwargs["past_key_values"] = CompressedKVCache(self.optpass_kv, self.config.num_hidden_layers)
+    return type(self).generate(self, *args, **kwargs)
+
+
+def install_kv_generate(model: nn.Module, settings: KVSettings) -> None:
+    model.optpass_kv = settings
+    inner = model.__dict__.get("generate")
+    model._optpass_inner_generate = inner if inner is not None else types.MethodType(type(model).generate, model)
+    decoder = getattr(model, "optpass_decoder", None)
+    if decoder is not None:
+        decoder.kv_settings = settings
+    model.generate = types.MethodType(_kv_generate, model)
+
+
+@register_pass
+class KVCachePass(Pass):
+    name = "kv_cache"
+    config_cls = KVCacheConfig
+    runs_after = ("quantize",)  # so that the compiled decoder quantize installs is given the compressed cache
+    needs_calibration = True
+
+    def candidates(self, graph: ModelGraph, target: HardwareSpec) -> list[Candidate]:
+        sites = tuple(a.name for a in graph.attentions)
+        if graph.model_kind != "causal_lm" or not sites:
+            return [Candidate.skip(self.name, sites, "KV-cache compression needs a causal LM with attention sites")]
+        cfg = self.config
+        keep = 0.25 if cfg.keep == "auto" else cfg.keep
+        ratio = keep if isinstance(keep, float) else min(keep / cfg.context, 1.0)
+        est = kv_estimate(graph, target, ratio, cfg.bits, cfg.window, cfg.context)
+        label = f"{cfg.policy} keep {cfg.keep} {'int' + str(cfg.bits) if cfg.bits else 'float'} KV @ {cfg.context} ctx"
+        return [Candidate(self.name, sites, {"keep": cfg.keep, "context": cfg.context}, est, label=label, paths=("module",))]
+
+    def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
+        reasons = [r for m in attention_modules(model) if (r := is_supported(m))]
+        if reasons or not hasattr(model, "config"):
+            return PassResult(self.name, model, False, reason=reasons[0] if reasons else "model has no HF config")
+        paths = enable_compressed_attention(model)
+        cfg = self.config
+        weights, densities = None, None
+        windows = _eval_windows(model, context.calibration)
+        if cfg.schedule == "density":
+            densities = attention_density(model, [w[None] for w in windows])
+        if cfg.schedule != "uniform":
+            weights = schedule_weights(cfg.schedule, len(paths), densities)
+        budget = context.guard.budget if context.guard is not None else None
+        tried: dict[str, dict[str, float]] = {}
+        chosen_keep = None
+        for keep in (AUTO_KEEPS if cfg.keep == "auto" else (cfg.keep,)):
+            metrics = continuation_quality(model, cfg.settings(keep, weights), windows)
+            tried[str(keep)] = metrics
+            violations = budget.violations(metrics) if budget is not None else []
+            if not violations:
+                chosen_keep = keep
+                break
+        details = {"continuation_quality": tried, "densities": densities, "layer_weights": weights}
+        if chosen_keep is None:
+            return PassResult(self.name, model, False, reason=f"no keep ratio in {list(tried)} meets the quality budget "
+                              f"({'; '.join(budget.violations(tried[list(tried)[-1]]))})", details=details)
+        settings = cfg.settings(chosen_keep, weights)
+        install_kv_generate(model, settings)
+        details["settings"] = _settings_dict(settings)
+        return PassResult(self.name, model, True, tuple(paths), details=details)
+
+    def saved_state(self, model: nn.Module) -> dict[str, Any]:
+        return {"settings": _settings_dict(model.optpass_kv)} if hasattr(model, "optpass_kv") else {}
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        if "settings" in state:
+            enable_compressed_attention(model)
+            data = dict(state["settings"])
+            if data.get("layer_weights") is not None:
+                data["layer_weights"] = tuple(data["layer_weights"])
+            install_kv_generate(model, KVSettings(**data))
+        return model
+
+
+def _settings_dict(settings: KVSettings) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(settings)

@@ -63,18 +63,37 @@ class CompressedKVCache(Cache):
     """Layers are created at the first forward (when the prompt length fixes ratio budgets), or up front with
     `context` for a static-shape decode step."""
 
-    def __init__(self, settings: KVSettings, num_layers: int, context: int | None = None) -> None:
+    def __init__(self, settings: KVSettings, num_layers: int, context: int | None = None, record: bool = False) -> None:
         super().__init__(layers=[])
         self.settings = settings
         self.num_layers = num_layers
+        self.record = record
         if context is not None:
             self.build(context)
+
+    @classmethod
+    def recording(cls, num_layers: int) -> CompressedKVCache:
+        """An exact cache (keeps everything) that also keeps each layer's prompt q/k/v for `replay`."""
+        return cls(KVSettings(keep=1.0, bits=None), num_layers, record=True)
+
+    def replay(self, settings: KVSettings) -> CompressedKVCache:
+        """A cache with `settings` holding this recorded prompt, as if the prompt had been run through it (prefill
+        attention is exact, so only the cache contents differ): benchmarks compare budgets at one prefill's cost."""
+        prompts = [layer.prompt for layer in self.layers]
+        if not prompts or any(p is None for p in prompts):
+            raise ValueError("replay needs a prefilled CompressedKVCache.recording() cache")
+        other = CompressedKVCache(settings, self.num_layers, context=prompts[0][1].shape[2])
+        for layer, prompt in zip(other.layers, prompts):
+            layer.load_prompt(*prompt)
+        return other
 
     def build(self, context: int) -> None:
         window, capacities = self.settings.shapes(self.num_layers, context)
         s = self.settings
         self.layers = [CompressedLayer(c, window, s.sink, s.bits, get_policy(s.policy), s.merge_threshold)
                        for c in capacities]
+        for layer in self.layers:
+            layer.record = self.record
 
     def layer(self, idx: int, prompt_len: int) -> CompressedLayer:
         if not self.layers:

@@ -32,6 +32,8 @@ class CompressedLayer(CacheLayerMixin):
         self.merge_threshold = merge_threshold
         self.seen = 0  # tokens processed (python int, eager paths only; the compiled step uses self.t)
         self.store: SlotStore | None = None
+        self.record = False  # keep the prompt's (q, k, v, valid) so other budgets can be replayed from it
+        self.prompt: tuple | None = None
 
     # -- HF CacheLayerMixin surface --------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -117,7 +119,17 @@ class CompressedLayer(CacheLayerMixin):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                              enable_gqa=query.shape[1] != h).nan_to_num(0.0)
         self._fill(query, key, value, valid, scaling)
+        if self.record:
+            self.prompt = (query, key, value, valid, scaling)
         return out
+
+    def load_prompt(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
+                    scaling: float) -> None:
+        """Compress an already-attended prompt (from a recording layer) without running the model again."""
+        if self.store is None:
+            self.allocate(key.shape[0], key.shape[1], key.shape[3], key.dtype, key.device)
+        self._fill(query, key, value, valid, scaling)
+        self.seen = key.shape[2]
 
     def _fill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
         """Keep the prompt: the last `window` tokens in the window, the policy's best `capacity` older ones in slots."""

@@ -7,6 +7,9 @@ in bf16 at a poor rate, so for many rows W8A8 (`torch._int_mm`) or dequantize-th
 
 from __future__ import annotations
 
+import sympy as sp
+
+from optpass.cost_models.formulas import evaluate, linear_time, scheme_key, weight_bytes_value
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.sites import LinearSite
 
@@ -15,35 +18,25 @@ SCHEMES = ("fp32", "int8", "int4")
 
 def weight_bytes(site: LinearSite, scheme: str, group_size: int = 32) -> float:
     """Bytes a forward reads for this layer's weights, scales and zero points."""
-    n, k = site.out_features, site.in_features
-    if scheme == "int8":
-        return n * k + 4 * n
-    if scheme == "int4":
-        return n * k / 2 + 8 * n * (k // group_size)
-    return 4.0 * n * k
+    return weight_bytes_value(scheme_key(scheme, group_size), site.out_features, site.in_features)
 
 
 def linear_seconds(site: LinearSite, scheme: str, rows: int, spec: HardwareSpec, group_size: int = 32,
                    w8a8_min_rows: int | None = None) -> float:
-    """Roofline time of one linear at `rows` rows under `scheme` on `spec`."""
-    flops = 2.0 * rows * site.in_features * site.out_features
-    eff = spec.efficiency
-    memory = weight_bytes(site, scheme, group_size) / (spec.mem_bandwidth * eff.get(f"gemv_{scheme}", eff.get("memory", 0.8)))
-    if scheme == "fp32":
-        rate = spec.peak_flops.get("fp32")
-    elif scheme == "int8" and w8a8_min_rows is not None and rows >= w8a8_min_rows:
-        rate = spec.peak_flops.get("int8")
-    elif scheme in ("int4", "int8") and rows >= 16:
-        rate = spec.peak_flops.get("bf16")  # dequantized to bf16 for a compute-bound GEMM
-    else:
-        rate = spec.peak_flops.get(f"{scheme}_wo", spec.peak_flops.get("bf16"))
-    compute = flops / (rate * eff.get("matmul", 0.7)) if rate else 0.0
-    return max(memory, compute, spec.launch_floor)
+    """Time of one linear at `rows` rows under `scheme` on `spec` (the sympy formula of cost_models/formulas.py;
+    W8A8 above its row threshold is an int8-GEMM roofline, not calibrated)."""
+    n, k = site.out_features, site.in_features
+    if scheme == "int8" and w8a8_min_rows is not None and rows >= w8a8_min_rows and "int8" in spec.peak_flops:
+        flops = 2.0 * rows * n * k
+        compute = flops / (spec.peak_flops["int8"] * spec.efficiency.get("matmul", 0.7))
+        memory = weight_bytes(site, "int8") / (spec.mem_bandwidth * spec.efficiency.get("memory", 0.8))
+        return max(compute, memory) + spec.launch_floor
+    return evaluate(linear_time(spec, scheme_key(scheme, group_size), n, k, sp.Integer(rows)))
 
 
 def w8a8_crossover(site: LinearSite, spec: HardwareSpec, limit: int = 4096) -> int | None:
     """Smallest row count at which W8A8 beats weight-only int8 for this layer (None: never below `limit`)."""
-    if "int8" not in spec.peak_flops or "int8_wo" not in spec.peak_flops:
+    if "int8" not in spec.peak_flops or spec.kind != "cpu":
         return None
     rows = 1
     while rows <= limit:

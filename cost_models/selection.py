@@ -1,5 +1,8 @@
 """Choosing rewrites from candidates: a candidate is applied only when it is viable and, under `auto`,
-when its predicted gain beats the cost model's own error band (so a predicted wash is never applied)."""
+when its predicted gain beats the cost model's own error band (so a predicted wash is never applied).
+
+The band is the target's `HardwareSpec.error_band`: measured on a calibrated CPU (the calibration's spread),
+wide (25%) on datasheet-only GPU specs, whose absolute times are not validated on this machine."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from dataclasses import dataclass
 
 from optpass.pass_base import Candidate
 
-DEFAULT_ERROR_BAND = 0.05  # relative; the cost-model issue replaces it with the calibrated band
+DEFAULT_ERROR_BAND = 0.05  # relative; used when no target band is given
 OBJECTIVES = ("latency", "memory")
 
 
@@ -26,9 +29,10 @@ def _gain(candidate: Candidate, objective: str) -> tuple[float, str]:
 
 
 def select(candidates: list[Candidate], auto: bool, objective: str = "latency",
-           error_band: float = DEFAULT_ERROR_BAND, path: str = "module") -> list[Decision]:
+           error_band: float | None = None, path: str = "module", band_note: str = "error band") -> list[Decision]:
     """Decide per candidate. Explicitly requested passes apply every viable candidate; `auto` needs a gain
     larger than the error band (latency) or any saving (memory). `path` is "module" or "graph"."""
+    error_band = DEFAULT_ERROR_BAND if error_band is None else error_band
     threshold = error_band if objective == "latency" else 0.0
     decisions = []
     for cand in candidates:
@@ -42,9 +46,17 @@ def select(candidates: list[Candidate], auto: bool, objective: str = "latency",
         else:
             gain, text = _gain(cand, objective)
             if auto and gain <= threshold:
-                decisions.append(Decision(cand, False, f"{text} does not beat the error band ({threshold:.0%})"))
+                decisions.append(Decision(cand, False, f"{text} does not beat the {band_note} ({threshold:.0%}): not applied"))
             elif gain < 0:
                 decisions.append(Decision(cand, True, f"{text}: a predicted loss, applied because requested"))
             else:
-                decisions.append(Decision(cand, True, text))
+                decisions.append(Decision(cand, True, f"{text} beats the {band_note} ({threshold:.0%})" if auto else text))
     return decisions
+
+
+def band_for(spec: object) -> tuple[float, str]:
+    """The target's error band and how to name it in reasons."""
+    band = getattr(spec, "error_band", DEFAULT_ERROR_BAND)
+    if getattr(spec, "calibrated", False):
+        return band, "calibrated error band"
+    return band, "error band of the uncalibrated (ordering-only) spec"

@@ -3,6 +3,7 @@ quality budget, and return the optimized model with a report of every decision."
 
 from optpass.api import optimize
 from optpass.capture import capture
+from optpass.explain import Explanation, explain
 from optpass.checkpoint import load, save
 from optpass.errors import (
     CaptureError,
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ApplyContext", "Candidate", "CaptureError", "CheckpointError", "ConfigError", "OptimizationReport",
     "OptpassError", "Pass", "PassConfig", "PassOrderError", "PassResult", "QualityBudget", "UnknownPassError",
-    "UnknownTargetError", "UnsupportedModelError", "VerificationError", "capture", "get_pass", "load", "optimize",
+    "UnknownTargetError", "UnsupportedModelError", "VerificationError", "capture", "Explanation", "explain", "get_pass", "load", "optimize",
     "register_pass", "registered_passes", "save",
 ]

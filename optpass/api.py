@@ -18,7 +18,7 @@ from optpass.adapters import Batch, adapter_for
 from optpass.capture import capture
 from optpass.cost_models import get_spec, select
 from optpass.cost_models.model_cost import predict_forward
-from optpass.cost_models.selection import OBJECTIVES
+from optpass.cost_models.selection import OBJECTIVES, band_for
 from optpass.errors import ConfigError, UnknownPassError, UnsupportedModelError
 from optpass.measure import interleaved_times, no_grad, weight_bytes
 from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig
@@ -123,7 +123,8 @@ def optimize(
 
     next(stages)
     candidates = _gather_candidates(pass_list, graph, spec)
-    decisions = select(candidates, auto=auto, objective=objective, path="module")
+    band, band_note = band_for(spec)
+    decisions = select(candidates, auto=auto, objective=objective, path="module", error_band=band, band_note=band_note)
     report = OptimizationReport(target=spec.name, model=type(model).__name__, capture=graph.summary(), budget=budget.to_dict())
     report.candidates = [
         CandidateRecord(d.candidate.pass_name, d.candidate.label, len(d.candidate.sites), d.chosen, d.reason,

@@ -1,0 +1,251 @@
+"""Calibrate the `cpu` target on this machine: measure what the roofline needs instead of trusting a datasheet.
+
+Measures (median of several repetitions, with the spread; a measurement whose spread is large is re-taken):
+- bandwidth: the fused triad `torch.add(b, c, alpha=q, out=a)` on arrays well above the last-level cache;
+- linear layers per weight scheme (fp32, bf16, int8 / int4 weight-only as optpass's own `Int8Linear` /
+  `Int4Linear` run them) at M in {1, 16, 128, 1024} rows, each kernel measured, never scaled from another dtype;
+  the per-call overhead (a tiny layer) is separated from the throughput (a stack of layers larger than the cache);
+- causal SDPA FLOP/s vs sequence length; the dispatch floor of a small aten op and of an nn.Module call.
+The result is cached as JSON keyed by a fingerprint (torch version, thread count, ISA flags, CPU model), so a
+different torch, thread count or machine never reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from optpass.cost_models.hardware import HardwareSpec, uncalibrated_cpu
+
+FORMAT = 1
+ROWS = (1, 16, 128, 1024)
+SCHEMES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128")
+SPREAD_LIMIT = 0.25  # (max - min) / median above which a measurement is re-taken
+_ISA = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+        "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile", "asimd", "sve")
+_LOADED: dict[str, HardwareSpec | None] = {}
+
+
+def fingerprint() -> dict[str, Any]:
+    """What a calibration depends on: torch version, thread count, ISA flags, CPU model."""
+    flags: set[str] = set()
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": model,
+            "capability": torch.backends.cpu.get_cpu_capability(), "isa": sorted(flags & set(_ISA))}
+
+
+def cache_path(fp: dict[str, Any] | None = None) -> Path:
+    from optpass.models import cache_dir
+
+    key = hashlib.sha256(json.dumps(fp or fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "calibration" / f"cpu-{key}.json"
+
+
+def _time(fn: Callable[[], object], reps: int, inner: int = 1) -> dict[str, float]:
+    """Median and relative spread of seconds per call; re-measured (twice at most) when the spread is large."""
+    best: dict[str, float] = {}
+    for attempt in range(3):
+        fn()
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - t0) / inner)
+        med = statistics.median(samples)
+        result = {"median": med, "spread": (max(samples) - min(samples)) / med if med > 0 else 0.0,
+                  "attempts": attempt + 1}
+        if not best or result["spread"] < best["spread"]:
+            best = result
+        if result["spread"] <= SPREAD_LIMIT:
+            break
+    return best
+
+
+def _triad(numel: int, reps: int) -> dict[str, float]:
+    a, b, c = (torch.empty(numel) for _ in range(3))
+    b.fill_(1.0), c.fill_(2.0)
+    r = _time(lambda: torch.add(b, c, alpha=3.0, out=a), reps)
+    return {**r, "bytes_per_s": 3 * 4 * numel / r["median"]}
+
+
+def _layer(scheme: str, n: int, k: int) -> nn.Module:
+    from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear
+
+    lin = nn.Linear(k, n, bias=False)
+    if scheme == "fp32":
+        return lin
+    if scheme == "bf16":
+        return lin.to(torch.bfloat16)
+    if scheme == "int8":
+        return Int8Linear.from_linear(lin)
+    return Int4Linear.from_linear(lin, int(scheme.split("_g")[1]))
+
+
+def _stack_time(scheme: str, n: int, k: int, rows: int, layers: int, reps: int) -> dict[str, float]:
+    """Seconds per layer call over `layers` distinct layers (distinct weights: nothing stays in cache)."""
+    mods = [_layer(scheme, n, k) for _ in range(layers)]
+    x = torch.randn(rows, k, dtype=torch.bfloat16 if scheme == "bf16" else torch.float32)
+
+    def run() -> None:
+        for m in mods:
+            m(x)
+
+    with torch.inference_mode():
+        r = _time(run, reps)
+    return {**r, "median": r["median"] / layers}
+
+
+def _linear(scheme: str, cache_bytes: float, shape: tuple[int, int], rows_list: tuple[int, ...], reps: int,
+            quick: bool) -> dict[str, Any]:
+    """Per-call overhead (tiny layer, M=1) and FLOP/s per row regime on a cold `shape` stack."""
+    from optpass.cost_models.formulas import weight_bytes_value
+
+    n, k = shape
+    overhead = _stack_time(scheme, 64, 128, 1, 8, reps)  # a layer small enough to be all overhead
+    wbytes = weight_bytes_value(scheme, n, k)
+    out: dict[str, Any] = {"overhead": overhead["median"], "rates": {}, "spread": {}}
+    for rows in rows_list:
+        cold = math.ceil(3 * cache_bytes / wbytes) if rows <= 16 else 2
+        layers = max(2, min(cold, 8 if quick else 400))
+        r = _stack_time(scheme, n, k, rows, layers, reps)
+        net = max(r["median"] - overhead["median"], 0.1 * r["median"])  # overhead is itself a noisy estimate
+        out["rates"][rows] = 2.0 * rows * n * k / net
+        out["spread"][rows] = r["spread"]
+        if rows == 1:
+            out["bw"] = wbytes / net
+    return out
+
+
+def _sdpa(seqs: tuple[int, ...], reps: int, heads: int = 9, dim: int = 64) -> dict[int, dict[str, float]]:
+    out = {}
+    for s in seqs:
+        q, k, v = (torch.randn(1, heads, s, dim) for _ in range(3))
+        r = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), reps)
+        out[s] = {**r, "flops_per_s": 4.0 * heads * dim * s * (s + 1) / 2 / r["median"]}
+    return out
+
+
+def _floors(reps: int) -> dict[str, dict[str, float]]:
+    x, y, ident = torch.ones(8), torch.ones(8), nn.Identity()
+    op = _time(lambda: torch.add(x, y), reps, inner=500)
+    mod = _time(lambda: ident(x), reps, inner=500)
+    return {"op": op, "module": {**mod, "median": max(mod["median"], 0.0)}}
+
+
+def calibrate(quick: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every measurement; `quick` is a seconds-long version with small shapes for tests."""
+    from optpass.progress import track
+
+    base = uncalibrated_cpu()
+    reps = 3 if quick else 7
+    shape = (256, 128) if quick else (576, 1536)  # (N, K) of SmolLM2 down_proj: K divides every int4 group
+    rows_list = (1, 16) if quick else ROWS
+    schemes = ("fp32", "int8", "int4_g32") if quick else SCHEMES
+    steps = ["triad", "floors", "sdpa", *schemes]
+    record: dict[str, Any] = {"format": FORMAT, "fingerprint": fingerprint(), "quick": quick,
+                              "shape": list(shape), "linear": {}}
+    start = time.perf_counter()
+    for step in track(steps, "calibrating cpu", total=len(steps)) if progress else steps:
+        if step == "triad":
+            record["triad"] = _triad(1 << 20 if quick else max(1 << 25, int(8 * base.cache_bytes / 12)), reps)
+        elif step == "floors":
+            record["floors"] = _floors(reps)
+        elif step == "sdpa":
+            record["sdpa"] = _sdpa((64, 128) if quick else (128, 512, 1024, 2048), reps)
+        else:
+            record["linear"][step] = _linear(step, base.cache_bytes, shape, rows_list, reps, quick)
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def spec_from_record(record: dict[str, Any]) -> HardwareSpec:
+    """A calibrated `HardwareSpec` from a calibration record (the measured figures replace the estimates)."""
+    base = uncalibrated_cpu()
+    linear = {s: {"overhead": v["overhead"], "bw": v["bw"], "rates": {int(m): r for m, r in v["rates"].items()}}
+              for s, v in record["linear"].items()}
+    peaks = dict(base.peak_flops)
+    for scheme, key in (("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8_wo"), ("int4_g32", "int4_wo")):
+        if scheme in linear:
+            peaks[key] = max(linear[scheme]["rates"].values())
+    bw = record["triad"]["bytes_per_s"]
+    eff = dict(base.efficiency)
+    for scheme, v in linear.items():
+        eff[f"gemv_{scheme}"] = min(v["bw"] / bw, 1.0)
+    attention = {int(s): v["flops_per_s"] for s, v in record["sdpa"].items()}
+    eff["attention"] = statistics.median(attention.values()) / peaks["fp32"]
+    spreads = [record["triad"]["spread"]] + [sp for v in record["linear"].values() for sp in v["spread"].values()]
+    # the band: half the median measurement range (noise), or the accuracy benchmark's measured error of
+    # predicted speedups when one was recorded for this calibration (`record_validation`), whichever is larger
+    band = min(max(0.05, statistics.median(spreads) / 2, record.get("validated_error", 0.0)), 0.25)
+    fp = record["fingerprint"]
+    note = (f"calibrated {'(quick) ' if record.get('quick') else ''}for torch {fp['torch']}, {fp['threads']} threads, "
+            f"{fp['capability']}; triad {bw / 1e9:.1f} GB/s; median spread {statistics.median(spreads):.0%}")
+    return dataclasses.replace(
+        base, name="cpu", peak_flops=peaks, mem_bandwidth=bw, efficiency=eff, calibrated=True,
+        launch_floor=record["floors"]["op"]["median"], module_floor=record["floors"]["module"]["median"],
+        linear=linear, attention_rates=attention, error_band=band,
+        source={**base.source, "calibration": note, "mem_bandwidth": "fused triad, calibrated",
+                "peak_flops": "best measured GEMM rate per dtype / kernel (calibrated)"})
+
+
+def save(record: dict[str, Any], path: Path | None = None) -> Path:
+    path = path or cache_path(record["fingerprint"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    _LOADED.clear()
+    return path
+
+
+def load(path: Path | None = None) -> dict[str, Any] | None:
+    """The cached record for this machine's current fingerprint, or None (missing, stale or another format)."""
+    fp = fingerprint()
+    path = path or cache_path(fp)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("format") != FORMAT or record.get("fingerprint") != fp:
+        return None
+    return record
+
+
+def record_validation(error: float, source: str) -> Path | None:
+    """Store the accuracy benchmark's measured error of predicted speedups with the cached calibration, so the
+    selection band reflects the model's validated error, not only the measurement noise."""
+    record = load()
+    if record is None:
+        return None
+    record["validated_error"], record["validated_by"] = float(error), source
+    return save(record)
+
+
+def calibrated_spec() -> HardwareSpec | None:
+    """The calibrated `cpu` spec for the current fingerprint (memoised per cache file), or None."""
+    path = cache_path()
+    key = f"{path}:{path.stat().st_mtime_ns if path.exists() else 0}"
+    if key not in _LOADED:
+        record = load(path)
+        _LOADED[key] = spec_from_record(record) if record else None
+    return _LOADED[key]

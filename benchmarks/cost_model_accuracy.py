@@ -160,11 +160,14 @@ def main() -> None:
     result = run_scenario("cost_model_accuracy" + ("_quick" if args.quick else ""), bench, rounds=rounds,
                           extra={"calibration": spec.source["calibration"], "error_band": spec.error_band,
                                  "auto_decisions": decisions, "predicted_ms": predicted})
-    summarize(result, predicted, [n for n, _ in variants], shape_list, plan)
+    stats = summarize(result, predicted, [n for n, _ in variants], shape_list, plan)
+    if not args.quick and stats.get("mdape_speedup_ratio") is not None:
+        path = cal.record_validation(stats["mdape_speedup_ratio"], "benchmarks/cost_model_accuracy.py")
+        print(f"validated error of predicted speedups ({stats['mdape_speedup_ratio']:.1%}) stored with the calibration: {path}")
 
 
 def summarize(result: dict[str, Any], predicted: dict[str, dict[str, float]], names: list[str],
-              shape_list: dict[str, tuple[int, int]], plan: list[Any]) -> None:
+              shape_list: dict[str, tuple[int, int]], plan: list[Any]) -> dict[str, Any]:
     from benchmarks.harness import write
 
     rows = {r["variant"]: r for r in result["rows"]}
@@ -202,6 +205,7 @@ def summarize(result: dict[str, Any], predicted: dict[str, dict[str, float]], na
              "", "Auto decisions: ", *[f"- {d}" for d in result["auto_decisions"]], "", f"Calibration: {result['calibration']}"]
     md.write_text(md.read_text() + "\n".join(extra) + "\n")
     print("\n".join(extra))
+    return stats
 
 
 if __name__ == "__main__":

@@ -134,7 +134,14 @@ def tiny_dit_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str
     }
 
 
-BUILTIN_MODELS = {"smollm2": load_smollm2}
+def load_tiny_dit() -> tuple[nn.Module, Any]:
+    """The class-conditional digit DiT (trained and cached on first use, see `optpass.digit_dit`)."""
+    from optpass.digit_dit import load_digit_dit
+
+    return load_digit_dit(), None
+
+
+BUILTIN_MODELS = {"smollm2": load_smollm2, "tiny-dit": load_tiny_dit}
 
 
 def load_builtin(name: str) -> tuple[nn.Module, Any]:

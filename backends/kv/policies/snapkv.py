@@ -22,7 +22,5 @@ class SnapKVPolicy(KVPolicy):
         w = min(self.window, s)
         votes = grouped_probs(query[:, :, s - w:], key, scaling, causal_offset=s - w, valid=valid).sum(2)
         b, h, _ = votes.shape
-        pooled = F.max_pool1d(votes.view(b * h, 1, s), self.kernel, stride=1, padding=self.kernel // 2).view(b, h, s)
-        # the observation window itself is always worth keeping
-        pooled[..., s - w:] = pooled.amax(-1, keepdim=True) + 1.0
-        return pooled
+        # the observation window itself stays in the cache's full-precision recent window (same default size)
+        return F.max_pool1d(votes.view(b * h, 1, s), self.kernel, stride=1, padding=self.kernel // 2).view(b, h, s)

@@ -1,0 +1,117 @@
+"""KV-cache compression speed and memory on SmolLM2-135M: batch-1 greedy decode (128 new tokens) after a 2k /
+4k-token prompt, full static cache vs fixed-budget compressed caches, int8 weights in every arm (so that the
+cache is the larger share of the bytes a step reads), each arm a compiled static-shape decode step. Reports
+decode tokens/s (prefill excluded), KV bytes allocated, and (--peak-memory) each arm's peak RSS in its own
+process. Quality is benchmarks/kv_quality.py's job.
+
+    python benchmarks/kv_cache.py [--quick] [--rounds 5] [--peak-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import Variant, run_scenario  # noqa: E402
+from optpass.backends.decode import StaticDecoder  # noqa: E402
+from optpass.backends.kv import CompressedKVCache, KVSettings, enable_compressed_attention  # noqa: E402
+from optpass.corpus import token_windows  # noqa: E402
+from optpass.models import load_smollm2  # noqa: E402
+
+NEW = 128
+ARMS: dict[str, KVSettings | None] = {  # name -> settings (None = full static cache)
+    "full": None,
+    "snapkv-int8@0.25": KVSettings(policy="snapkv", keep=0.25, bits=8),
+    "snapkv-float@0.25": KVSettings(policy="snapkv", keep=0.25, bits=None),
+    "snapkv-int8@0.125": KVSettings(policy="snapkv", keep=0.125, bits=8),
+    "streaming-int8@0.25": KVSettings(policy="streaming", keep=0.25, bits=8),
+}
+
+
+def int8_model() -> Any:
+    """SmolLM2 with int8 weights (blocks and head), the optpass way."""
+    import optpass
+    from optpass.passes.quantize import QuantizeConfig
+
+    model, tok = load_smollm2()
+    quantized = optpass.optimize(model, passes=[QuantizeConfig(weights="int8", lm_head="int8", fast_decode=False)],
+                                 quality_budget="ppl:5%")
+    enable_compressed_attention(quantized)
+    return quantized, tok
+
+
+def kv_bytes(decoder: StaticDecoder) -> int:
+    cache = decoder.cache
+    if isinstance(cache, CompressedKVCache):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def variant(model: Any, prompt: torch.Tensor, arm: str, context: int) -> Variant:
+    def setup() -> StaticDecoder:
+        decoder = StaticDecoder(model, max_cache_len=context)
+        decoder.kv_settings = ARMS[arm]
+        return decoder
+
+    def measure(decoder: StaticDecoder) -> dict[str, float]:
+        decoder.generate(prompt, NEW)
+        t = decoder.last_timing
+        return {"decode_tok_s": t["decode_steps"] / t["decode_s"], "prefill_s": t["prefill_s"],
+                "kv_MiB": kv_bytes(decoder) / 2**20}
+
+    return Variant(f"{arm} @ {context}", setup, measure, note="")
+
+
+def peak_rss(arm: str, context: int) -> dict[str, float]:
+    """In this (fresh) process: RSS before and after an eager generate through the arm's cache."""
+    model, tok = int8_model()
+    prompt = token_windows(tok, window=context - NEW, count=1, offset_windows=2)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    settings = ARMS[arm]
+    kwargs = {} if settings is None else {"past_key_values": CompressedKVCache(settings, model.config.num_hidden_layers)}
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=16, do_sample=False, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_MiB": after / 1024, "growth_MiB": (after - before) / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="512-token context, two arms, no compile: checks the harness")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--peak-memory", action="store_true", help="also each arm's peak RSS at 4k, one process per arm")
+    ap.add_argument("--peak-arm", nargs=2, metavar=("ARM", "CONTEXT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.peak_arm:
+        print(json.dumps(peak_rss(args.peak_arm[0], int(args.peak_arm[1]))))
+        return
+    model, tok = int8_model()
+    plan = [("full", 512), ("snapkv-int8@0.25", 512)] if args.quick else \
+        [("full", 2048), ("snapkv-int8@0.25", 2048), ("full", 4096), ("snapkv-int8@0.25", 4096),
+         ("snapkv-float@0.25", 4096), ("snapkv-int8@0.125", 4096), ("streaming-int8@0.25", 4096)]
+    prompts = {c: token_windows(tok, window=c - NEW, count=1, offset_windows=2) for c in {c for _, c in plan}}
+    variants = [variant(model, prompts[c], arm, c) for arm, c in plan]
+    if args.quick:
+        for v in variants:  # no compile in quick mode
+            v.setup = (lambda s: (lambda: (d := s(), setattr(d, "_compile", False), d)[-1]))(v.setup)
+    extra: dict[str, Any] = {"new_tokens": NEW}
+    if args.peak_memory:
+        extra["peak_memory_4k"] = {}
+        for arm in ("full", "snapkv-int8@0.25"):
+            out = subprocess.run([sys.executable, __file__, "--peak-arm", arm, "4096"], capture_output=True, text=True)
+            extra["peak_memory_4k"][arm] = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else \
+                {"error": out.stderr.strip().splitlines()[-1]}
+    run_scenario("kv_cache_speed" + ("_quick" if args.quick else ""), variants, rounds=1 if args.quick else args.rounds,
+                 extra=extra)
+
+
+if __name__ == "__main__":
+    main()

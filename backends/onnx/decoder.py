@@ -56,7 +56,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Layer(nn.Module):
-    def __init__(self, layer: nn.Module, accuracy_level: int) -> None:
+    def __init__(self, layer: nn.Module, accuracy_level: int | None) -> None:
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
         self.proj = nn.ModuleDict({n: export_linear(getattr(layer.self_attn, n), accuracy_level) for n in _PROJECTIONS})
@@ -66,7 +66,7 @@ class _Layer(nn.Module):
 class KVDecoder(nn.Module):
     """Functional Llama forward over explicit past / present KV tensors (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, accuracy_level: int = 0) -> None:
+    def __init__(self, model: nn.Module, accuracy_level: int | None = None) -> None:
         super().__init__()
         self.spec = decoder_spec(model)
         inner = model.model
@@ -81,7 +81,7 @@ class KVDecoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         spec = self.spec
-        b, s = input_ids.shape
+        s = input_ids.shape[1]
         p = past[0].shape[2]
         pos = torch.arange(s, device=input_ids.device, dtype=torch.float32) + p
         freqs = pos[:, None] * self.inv_freq[None, :]
@@ -93,21 +93,21 @@ class KVDecoder(nn.Module):
         h = self.embed(input_ids)
         presents: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
+            # shapes through unflatten / flatten / -1, so the exporter does little symbolic-size arithmetic
             x = _rms_norm(layer.input_layernorm, h)
-            q = layer.proj["q_proj"](x).view(b, s, spec.num_heads, spec.head_dim).transpose(1, 2)
-            k = layer.proj["k_proj"](x).view(b, s, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-            v = layer.proj["v_proj"](x).view(b, s, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+            q = layer.proj["q_proj"](x).unflatten(-1, (spec.num_heads, spec.head_dim)).transpose(1, 2)
+            k = layer.proj["k_proj"](x).unflatten(-1, (spec.num_kv_heads, spec.head_dim)).transpose(1, 2)
+            v = layer.proj["v_proj"](x).unflatten(-1, (spec.num_kv_heads, spec.head_dim)).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k = torch.cat((past[2 * i], k), dim=2)
             v = torch.cat((past[2 * i + 1], v), dim=2)
             presents += [k, v]
-            t = k.shape[2]
-            k_all = k[:, :, None].expand(b, spec.num_kv_heads, groups, t, spec.head_dim).reshape(b, spec.num_heads, t, spec.head_dim)
-            v_all = v[:, :, None].expand(b, spec.num_kv_heads, groups, t, spec.head_dim).reshape(b, spec.num_heads, t, spec.head_dim)
+            k_all = k.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(1, 2)
+            v_all = v.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(1, 2)
             scores = (q @ k_all.transpose(-1, -2)) * (spec.head_dim ** -0.5) + mask
             attn = F.softmax(scores, dim=-1) @ v_all
-            h = h + layer.proj["o_proj"](attn.transpose(1, 2).reshape(b, s, spec.num_heads * spec.head_dim))
+            h = h + layer.proj["o_proj"](attn.transpose(1, 2).flatten(2))
             x = _rms_norm(layer.post_attention_layernorm, h)
             h = h + layer.mlp["down_proj"](self.act(layer.mlp["gate_proj"](x)) * layer.mlp["up_proj"](x))
         logits = self.lm_head(_rms_norm(self.norm, h))

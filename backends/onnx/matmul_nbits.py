@@ -41,7 +41,10 @@ def _schema() -> onnx.defs.OpSchema:
 
 
 _MATMUL_NBITS = onnxscript.values.Op(MSFT, "MatMulNBits", _schema())
-INT8_BLOCK = 32  # int8 blocks only repeat the channel scale; any power of two dividing K works
+INT8_BLOCK = 32
+# accuracy_level per bit width when none is given: int4 keeps fp32 activations (exact vs PyTorch, a fast MLAS
+# path exists); int8's only fast CPU path quantizes activations to int8 per block (level 4)
+DEFAULT_ACCURACY = {4: 0, 8: 4}  # int8 blocks only repeat the channel scale; any power of two dividing K works
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,21 @@ def from_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     return NBitsWeight(packed.contiguous().view(n, blocks, group_size // 2).numpy().copy(),
                        scale.float().contiguous().numpy().copy(), zero.float().contiguous().numpy().copy(),
                        2 * half, n, 4, group_size)
+
+
+def split_zero(w: NBitsWeight) -> tuple[NBitsWeight, np.ndarray | None]:
+    """Float zero points -> (the weight with ORT's default zero point 2^(bits-1), correction C [G, N]).
+
+    ORT's fast MatMulNBits kernels take only integer zero points (float ones fall back to dequantizing the
+    whole weight per call, ~100x slower at decode), so the float zero is moved into an exact side term:
+    x @ ((q - z) s)^T = x @ ((q - 8) s)^T + groupsum(x) @ C,  C[g, n] = (8 - z[n, g]) s[n, g],
+    groupsum(x)[..., g] = sum of x over group g. C adds K*N/8 bytes (a quarter of the int4 weight).
+    """
+    if w.zeros is None:
+        return w, None
+    default = 2.0 ** (w.bits - 1)
+    corr = ((default - w.zeros) * w.scales).T.astype(np.float32).copy()
+    return NBitsWeight(w.packed, w.scales, None, w.in_features, w.out_features, w.bits, w.block_size), corr
 
 
 def int8_block(in_features: int) -> int | None:
@@ -136,24 +154,29 @@ TRANSLATIONS = {torch.ops.optpass_onnx.matmul_nbits.default: _onnx_matmul_nbits}
 
 
 class NBitsLinear(nn.Module):
-    """A linear whose export is one MatMulNBits node (weights as buffers -> initializers)."""
+    """A linear whose export is one MatMulNBits node (+ the float-zero side term, see `split_zero`)."""
 
-    def __init__(self, w: NBitsWeight, bias: torch.Tensor | None, accuracy_level: int = 0) -> None:
+    def __init__(self, w: NBitsWeight, bias: torch.Tensor | None, accuracy_level: int | None = None) -> None:
         super().__init__()
+        accuracy_level = DEFAULT_ACCURACY[w.bits] if accuracy_level is None else accuracy_level
+        w, corr = split_zero(w)
         self.in_features, self.out_features, self.bits, self.block_size = w.in_features, w.out_features, w.bits, w.block_size
         self.accuracy_level = accuracy_level
         self.register_buffer("packed", torch.from_numpy(w.packed))
         self.register_buffer("scales", torch.from_numpy(w.scales))
-        self.register_buffer("zeros", None if w.zeros is None else torch.from_numpy(w.zeros))
+        self.register_buffer("zero_correction", None if corr is None else torch.from_numpy(corr))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul_nbits(x, self.packed, self.scales, self.zeros, self.in_features, self.out_features, self.bits,
+        y = matmul_nbits(x, self.packed, self.scales, None, self.in_features, self.out_features, self.bits,
                          self.block_size, self.accuracy_level)
+        if self.zero_correction is not None:
+            groups = self.in_features // self.block_size
+            y = y + x.reshape(*x.shape[:-1], groups, self.block_size).sum(-1) @ self.zero_correction
         return y if self.bias is None else y + self.bias
 
 
-def export_linear(module: nn.Module, accuracy_level: int = 0) -> nn.Module:
+def export_linear(module: nn.Module, accuracy_level: int | None = None) -> nn.Module:
     """The export form of one linear: optpass Int4Linear / Int8Linear -> NBitsLinear; float nn.Linear as is."""
     from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear
 
@@ -163,5 +186,4 @@ def export_linear(module: nn.Module, accuracy_level: int = 0) -> nn.Module:
         w = from_int8(module.qweight, module.scale)
     else:
         return module
-    bias = None if module.bias is None else module.bias
-    return NBitsLinear(w, bias, accuracy_level)
+    return NBitsLinear(w, module.bias, accuracy_level)

@@ -62,7 +62,7 @@ def _load(path: Path) -> ir.Model:
 
 def optimize_onnx(path: str | os.PathLike, target: str = "cpu", passes: str | list[str] = "auto",
                   quality_budget: Any = None, output: str | os.PathLike | None = None,
-                  tokens: torch.Tensor | None = None, accuracy_level: int = 0, threads: int | None = None,
+                  tokens: torch.Tensor | None = None, accuracy_level: int | None = None, threads: int | None = None,
                   measure_rounds: int = 5) -> OnnxOptimizeResult:
     """Optimize the ONNX model at `path` for ONNX Runtime on `target` (a CPU spec); see the module docstring.
 
@@ -132,7 +132,7 @@ def optimize_onnx(path: str | os.PathLike, target: str = "cpu", passes: str | li
     return OnnxOptimizeResult(output, report)
 
 
-def _build(path: Path, rewrites: dict[str, Any], kept: list[Candidate], accuracy_level: int) -> ir.Model:
+def _build(path: Path, rewrites: dict[str, Any], kept: list[Candidate], accuracy_level: int | None) -> ir.Model:
     model = _load(path)
     for name, rewrite in rewrites.items():
         mine = [c for c in kept if c.pass_name == name]
@@ -142,7 +142,7 @@ def _build(path: Path, rewrites: dict[str, Any], kept: list[Candidate], accuracy
 
 
 def _apply(path: Path, rewrites: dict[str, Any], chosen: list[Candidate], guard: OnnxQualityGuard, budget: Any,
-           accuracy_level: int, threads: int | None, tmp: Path) -> tuple[list[Candidate], list[PassRecord]]:
+           accuracy_level: int | None, threads: int | None, tmp: Path) -> tuple[list[Candidate], list[PassRecord]]:
     """Per pass and decision group, try the chosen alternatives best predicted gain first; keep the first
     within budget. Each trial is a fresh rewrite of the original file, so rollback is dropping the trial."""
     kept: list[Candidate] = []

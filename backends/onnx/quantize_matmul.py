@@ -14,7 +14,7 @@ import onnx_ir.passes.common as common
 import torch
 
 from optpass.backends.onnx.graph_sites import OnnxLinear, find_linears
-from optpass.backends.onnx.matmul_nbits import NBitsWeight, int8_block, quantize_weight
+from optpass.backends.onnx.matmul_nbits import DEFAULT_ACCURACY, NBitsWeight, int8_block, quantize_weight, split_zero
 
 MS_DOMAIN = "com.microsoft"
 
@@ -50,24 +50,42 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _replace(graph: ir.Graph, lin: OnnxLinear, w: NBitsWeight, accuracy_level: int) -> None:
+def _node(op: str, inputs: list[ir.Value | None], name: str, domain: str = "", **attrs: object) -> ir.Node:
+    return ir.Node(domain, op, inputs, attributes=ir.convenience.convert_attributes(attrs), name=name)
+
+
+def _replace(graph: ir.Graph, lin: OnnxLinear, w: NBitsWeight, accuracy_level: int | None) -> None:
+    """MatMul -> MatMulNBits (integer default zero point) [+ the float-zero side term of `split_zero`]."""
     base = (lin.weight.name or lin.node.name).replace("/", "_")
-    inputs = [lin.node.inputs[0], _initializer(graph, f"{base}.q{w.bits}", w.packed),
-              _initializer(graph, f"{base}.scales", w.scales)]
-    if w.zeros is not None:
-        inputs.append(_initializer(graph, f"{base}.zeros", w.zeros))
-    attrs = {"K": w.in_features, "N": w.out_features, "bits": w.bits, "block_size": w.block_size,
-             "accuracy_level": accuracy_level}
-    new = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attributes=ir.convenience.convert_attributes(attrs),
-                  name=f"{lin.node.name}_nbits")
-    new.outputs[0].shape, new.outputs[0].type = lin.node.outputs[0].shape, lin.node.outputs[0].type
-    ir.convenience.replace_nodes_and_values(graph, lin.node, [lin.node], [new], lin.node.outputs, new.outputs)
+    x, old = lin.node.inputs[0], lin.node
+    split, corr = split_zero(w)
+    rank = len(x.shape) if x.shape is not None else None
+    if corr is not None and rank is None:
+        split, corr = w, None  # the side term needs x's rank: keep float zero points (ORT's slower path)
+    inputs = [x, _initializer(graph, f"{base}.q{w.bits}", w.packed), _initializer(graph, f"{base}.scales", w.scales)]
+    if split.zeros is not None:
+        inputs.append(_initializer(graph, f"{base}.zeros", split.zeros))
+    nodes = [_node("MatMulNBits", inputs, f"{old.name}_nbits", MS_DOMAIN, K=w.in_features, N=w.out_features,
+                   bits=w.bits, block_size=w.block_size,
+                   accuracy_level=DEFAULT_ACCURACY[w.bits] if accuracy_level is None else accuracy_level)]
+    if corr is not None:
+        groups = w.in_features // w.block_size
+        shape = _initializer(graph, f"{base}.group_shape", np.array([0] * (rank - 1) + [groups, w.block_size], np.int64))
+        axes = _initializer(graph, f"{base}.group_axis", np.array([-1], np.int64))
+        nodes.append(_node("Reshape", [x, shape], f"{old.name}_groups"))
+        nodes.append(_node("ReduceSum", [nodes[-1].outputs[0], axes], f"{old.name}_groupsum", keepdims=0))
+        nodes.append(_node("MatMul", [nodes[-1].outputs[0], _initializer(graph, f"{base}.zero_correction", corr)],
+                           f"{old.name}_zero_term"))
+        nodes.append(_node("Add", [nodes[0].outputs[0], nodes[-1].outputs[0]], f"{old.name}_plus_zero_term"))
+    out = nodes[-1].outputs[0]
+    out.shape, out.type = old.outputs[0].shape, old.outputs[0].type
+    ir.convenience.replace_nodes_and_values(graph, old, [old], nodes, old.outputs, [out])
 
 
 class QuantizeMatMulPass(ir.passes.InPlacePass):
     """Replace the named linears (`site.name` -> Scheme) with MatMulNBits; others stay float."""
 
-    def __init__(self, plan: dict[str, Scheme], accuracy_level: int = 0) -> None:
+    def __init__(self, plan: dict[str, Scheme], accuracy_level: int | None = None) -> None:
         super().__init__()
         self.plan, self.accuracy_level = plan, accuracy_level
         self.rewritten: list[str] = []
@@ -88,7 +106,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.rewritten))
 
 
-def quantize_matmuls(model: ir.Model, plan: dict[str, Scheme], accuracy_level: int = 0) -> Sequence[str]:
+def quantize_matmuls(model: ir.Model, plan: dict[str, Scheme], accuracy_level: int | None = None) -> Sequence[str]:
     """Apply `QuantizeMatMulPass` in place; returns the rewritten site names."""
     p = QuantizeMatMulPass(plan, accuracy_level)
     p(model)

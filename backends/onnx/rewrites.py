@@ -30,7 +30,7 @@ class OnnxRewrite:
     def candidates(self, graph: ModelGraph, linears: list[OnnxLinear], spec: HardwareSpec) -> list[Candidate]:
         raise NotImplementedError
 
-    def apply(self, model: ir.Model, chosen: list[Candidate], accuracy_level: int = 0) -> list[str]:
+    def apply(self, model: ir.Model, chosen: list[Candidate], accuracy_level: int | None = None) -> list[str]:
         """Rewrite `model` in place for `chosen`; returns the rewritten site names."""
         return []
 
@@ -93,7 +93,7 @@ class QuantizeRewrite(OnnxRewrite):
                     reason=f"{skipped} site(s) stay float (shape)" if skipped else ""))
         return found
 
-    def apply(self, model: ir.Model, chosen: list[Candidate], accuracy_level: int = 0) -> list[str]:
+    def apply(self, model: ir.Model, chosen: list[Candidate], accuracy_level: int | None = None) -> list[str]:
         plan = {site: Scheme(c.params["bits"], c.params["block_size"]) for c in chosen for site in c.sites}
         return list(quantize_matmuls(model, plan, accuracy_level))
 

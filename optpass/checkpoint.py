@@ -126,7 +126,12 @@ def save(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path
     out = Path(directory)
     base = _base_record(model)
     passes = []
+    from optpass.pass_base import Pass
+
     for step in _applied_steps(model):
+        if type(step.pass_).restore is Pass.restore:
+            raise CheckpointError(f"save: pass {step.name!r} changed the model but implements no restore(); its "
+                                  "changes could not be rebuilt on load, so no checkpoint was written")
         passes.append({"name": step.name, "config": step.pass_.config.to_dict(),
                        "state": step.pass_.saved_state(model)})
     tensors, aliases = _dedupe(model.state_dict())

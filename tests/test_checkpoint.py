@@ -127,6 +127,21 @@ def test_unknown_pass_is_a_clear_error(tiny_ckpt, tmp_path):
         optpass.load(bad)
 
 
+def test_pass_without_restore_is_refused_at_save(tiny_ckpt, tmp_path):
+    from optpass.pass_base import Pass
+
+    model, _ = tiny_ckpt
+    step = model.optpass_plan.steps[0]
+    original = step.pass_
+    step.pass_ = type("NoRestore", (type(original),), {"restore": Pass.restore})(original.config)
+    try:
+        with pytest.raises(CheckpointError, match="pass 'quantize' changed the model but implements no restore"):
+            optpass.save(model, tmp_path / "never")
+    finally:
+        step.pass_ = original
+    assert not (tmp_path / "never").exists()
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="optpass_state.json: not found"):
         optpass.load(tmp_path)

@@ -76,10 +76,12 @@ def test_input_file_errors(hf_dir, tmp_path, capsys):
     assert "optpass_state.json: not found" in capsys.readouterr().err
 
 
-def test_run_refuses_a_dit_checkpoint(tmp_path, tiny_dit, capsys):
+def test_run_samples_a_png_from_a_dit_checkpoint(tmp_path, tiny_dit, capsys):
     optpass.save(tiny_dit, tmp_path / "dit")
-    assert main(["run", str(tmp_path / "dit"), "--prompt", "x"]) == 2
-    assert "generates from causal LM checkpoints" in capsys.readouterr().err
+    png = tmp_path / "grid.png"
+    assert main(["run", str(tmp_path / "dit"), "--image", str(png), "--steps", "2"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {png}: 10 samples, 2 DDIM steps" in capsys.readouterr().out  # one per class label
 
 
 def test_bench_prints_the_side_by_side_table(hf_dir, capsys):

@@ -11,7 +11,9 @@ from optpass.cli import command
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="directory written by `optpass optimize ... -o OUT` (or optpass.save)")
-    p.add_argument("--prompt", required=True, help="text to continue (greedy decoding)")
+    p.add_argument("--prompt", default=None, help="text to continue (greedy decoding); required for LLMs")
+    p.add_argument("--image", default="samples.png", help="DiT checkpoints: where to write the sampled grid (PNG)")
+    p.add_argument("--steps", type=int, default=50, help="DiT checkpoints: DDIM steps")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-compile", action="store_true",
                    help="decode eagerly with Hugging Face's generate() instead of the compiled static decoder")
@@ -30,9 +32,13 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     state = read_state(args.checkpoint)
+    if state["base"].get("library") == "diffusers":
+        return _sample_dit(args, load(args.checkpoint))
     if state["base"].get("library") != "transformers":
-        raise UnsupportedModelError(f"{args.checkpoint}: `optpass run` generates from causal LM checkpoints; this one "
-                                    f"holds a {state['base'].get('library')} {state['base'].get('class')}")
+        raise UnsupportedModelError(f"{args.checkpoint}: `optpass run` generates from causal LM or DiT checkpoints; "
+                                    f"this one holds a {state['base'].get('library')} {state['base'].get('class')}")
+    if args.prompt is None:
+        raise ValueError(f"{args.checkpoint} holds a language model: give --prompt")
     from transformers import AutoTokenizer
 
     model = load(args.checkpoint)
@@ -51,4 +57,17 @@ def run(args: argparse.Namespace) -> int:
     applied = ", ".join(p["name"] for p in state.get("passes", [])) or "none"
     how = "eager" if args.no_compile or not hasattr(model, "optpass_decoder") else "compiled decode, incl. compilation"
     print(f"[optpass run] {new.numel()} tokens in {seconds:.2f}s ({how}; passes: {applied})", file=sys.stderr)
+    return 0
+
+
+def _sample_dit(args: argparse.Namespace, model: object) -> int:
+    """One DDIM sample per class label (0..9, or fewer classes), seeds 0..n-1, written as one PNG row."""
+    from optpass.sampling import ddim_sample, save_grid
+
+    classes = int(getattr(model.config, "num_embeds_ada_norm", 0) or 0)
+    n = min(classes, 10) if classes else 8
+    start = time.perf_counter()
+    images = ddim_sample(model, seeds=list(range(n)), labels=list(range(n)) if classes else None, steps=args.steps)
+    save_grid({"optpass": images}, args.image)
+    print(f"wrote {args.image}: {n} samples, {args.steps} DDIM steps in {time.perf_counter() - start:.1f}s")
     return 0

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from optpass.measure import interleaved_times, weight_bytes
+from optpass.progress import track
 from optpass.quality import perplexity
 
 
@@ -70,7 +71,10 @@ def side_by_side(baseline: nn.Module, optimized: nn.Module, tokenizer: Any, prom
         fns[f"{name}/generate"] = lambda g=generate: g(input_ids=prompt, max_new_tokens=new_tokens,
                                                          min_new_tokens=new_tokens, do_sample=False)
     with torch.inference_mode():
-        times = interleaved_times(fns, rounds=rounds, warmup=1)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for r in track(range(rounds), "optpass bench (round 1 warms up and compiles)", total=rounds):
+            for name, values in interleaved_times(fns, rounds=1, warmup=1 if r == 0 else 0).items():
+                times[name] += values
         rows: dict[str, dict[str, float]] = {}
         for name, (model, _) in arms.items():
             prefill = statistics.median(times[f"{name}/prefill"])

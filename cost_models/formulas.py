@@ -11,7 +11,7 @@ Other passes' cost hooks (KV cache, DiT cache, sparse attention, layer skipping)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import sympy as sp
 
@@ -42,8 +42,10 @@ def weight_bytes_value(scheme: str, n: int, k: int) -> float:
 def roofline(flops: Expr | float, bytes_moved: Expr | float, peak: float, eff_compute: float, bandwidth: float,
              eff_memory: float, launch: float, additive: bool) -> Expr:
     """t = Max(flops / (peak * eff), bytes / (bw * eff), launch); CPU eager: launch + Max(compute, memory)."""
-    core = sp.Max(sp.sympify(flops) / (peak * eff_compute), sp.sympify(bytes_moved) / (bandwidth * eff_memory))
-    return launch + core if additive else sp.Max(core, launch)
+    # evaluate=False: sympy's Max simplification is ~30 ms a call; the numbers come from lambdify anyway
+    core = sp.Max(sp.sympify(flops) / (peak * eff_compute), sp.sympify(bytes_moved) / (bandwidth * eff_memory),
+                  evaluate=False)
+    return launch + core if additive else sp.Max(core, launch, evaluate=False)
 
 
 def _regime_piecewise(rates: dict[int, float], rows: Expr) -> Expr:
@@ -72,7 +74,7 @@ def linear_time(spec: HardwareSpec, scheme: str, n: int, k: int, rows: Expr = B 
     cal = _calibrated(spec, scheme)
     if cal is not None:
         rate = _regime_piecewise(cal["rates"], rows)
-        return cal["overhead"] + sp.Max(flops / rate, (wbytes + act_bytes) / cal["bw"])
+        return cal["overhead"] + sp.Max(flops / rate, (wbytes + act_bytes) / cal["bw"], evaluate=False)
     eff = spec.efficiency
     base = scheme.split("_g")[0]
     mem_eff = eff.get(f"gemv_{base}", eff.get("memory", 0.8))
@@ -188,7 +190,11 @@ def crossover(delta: Expr, symbol: sp.Symbol = S, subs: dict | None = None, lo: 
     if not expr.has(sp.Max, sp.Min, sp.Piecewise, sp.ceiling):
         roots = [r for r in sp.solve(sp.Eq(expr, 0), symbol) if r.is_real and lo <= float(r) <= hi]
         return float(min(roots)) if roots else None
-    f = sp.lambdify(symbol, expr, "math")
+    return sign_change(sp.lambdify(symbol, expr, "math"), lo, hi)
+
+
+def sign_change(f: Callable[[float], float], lo: float = 1, hi: float = 65536) -> float | None:
+    """First x in [lo, hi] where f changes between paying (f < 0) and not: a geometric grid, then bisection."""
     grid = sorted({lo, hi, *(lo * 2 ** i for i in range(int(math.log2(hi / lo)) + 1))})
     pays = [f(x) < 0 for x in grid]  # a zero difference is not a gain
     for a, b, pa, pb in zip(grid, grid[1:], pays, pays[1:]):
@@ -202,7 +208,9 @@ def crossover(delta: Expr, symbol: sp.Symbol = S, subs: dict | None = None, lo: 
 
 def evaluate(expr: Expr, **values: float) -> float:
     """Numeric value of `expr` at e.g. B=1, S=128, S_ctx=128."""
-    return float(sp.sympify(expr).subs({SYMBOLS[k]: v for k, v in values.items()}))
+    expr = sp.sympify(expr)
+    syms = [SYMBOLS[k] for k in values]
+    return float(sp.lambdify(syms, expr, "math")(*values.values())) if syms else float(expr)
 
 
 def total(exprs: Iterable[Expr]) -> Expr:

@@ -90,7 +90,12 @@ def forward_terms(graph: ModelGraph, spec: HardwareSpec, overrides: Overrides | 
 
 
 def forward_expr(graph: ModelGraph, spec: HardwareSpec, overrides: Overrides | None = None) -> sp.Expr:
-    return F.total(forward_terms(graph, spec, overrides).values())
+    """The forward's seconds as one expression in B, S, S_ctx (memoised per graph, target and overrides)."""
+    cache = graph.__dict__.setdefault("_expr_cache", {})
+    key = (spec.name, spec.calibrated, id(spec.linear), tuple(sorted((overrides or {}).items())))
+    if key not in cache:
+        cache[key] = F.total(forward_terms(graph, spec, overrides).values())
+    return cache[key]
 
 
 def _compiled(graph: ModelGraph, spec: HardwareSpec, overrides: Overrides | None) -> Callable[..., float]:
@@ -126,8 +131,9 @@ def rewrite_estimate(graph: ModelGraph, spec: HardwareSpec, overrides: Overrides
     b, s, ctx = graph.estimate_shape
     before = predict_forward(graph, spec, b, s, ctx)
     after = predict_forward(graph, spec, b, s, ctx, overrides)
-    delta = (forward_expr(graph, spec, overrides) - forward_expr(graph, spec)).subs({F.B: 1, F.S_ctx: F.S})
-    return RewriteEstimate(before, after, d_memory, F.crossover(delta, F.S, hi=max_seq), tokens=graph.example_tokens)
+    f_before, f_after = _compiled(graph, spec, None), _compiled(graph, spec, overrides)
+    cross = F.sign_change(lambda x: f_after(1, x, x) - f_before(1, x, x), hi=max_seq)  # prefill, B=1, S_ctx=S
+    return RewriteEstimate(before, after, d_memory, cross, tokens=graph.example_tokens)
 
 
 def baseline_latency(graph: ModelGraph, spec: HardwareSpec) -> float:

@@ -111,3 +111,17 @@ def quantize_matmuls(model: ir.Model, plan: dict[str, Scheme], accuracy_level: i
     p = QuantizeMatMulPass(plan, accuracy_level)
     p(model)
     return p.rewritten
+
+
+def with_accuracy_level(src: str, dst: str, level: int, bits: int | None = None) -> int:
+    """Copy of the model at `src` with MatMulNBits' accuracy_level set to `level` (only on `bits`-bit nodes if
+    given), written to `dst`: the compute-type trade-off without a re-export. Returns the nodes changed."""
+    model = ir.load(src)
+    changed = 0
+    for node in model.graph:
+        if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN and (
+                bits is None or node.attributes["bits"].as_int() == bits):
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+            changed += 1
+    ir.save(model, dst)
+    return changed

@@ -26,6 +26,7 @@ from optpass.backends.onnx.export import spec_path
 from optpass.backends.onnx.graph_sites import index_graph
 from optpass.backends.onnx.rewrites import REWRITES, get_rewrite
 from optpass.cost_models import get_spec, select
+from optpass.cost_models.model_cost import baseline_latency
 from optpass.errors import ConfigError, UnknownPassError, UnsupportedModelError
 from optpass.measure import interleaved_times
 from optpass.pass_base import Candidate
@@ -121,7 +122,7 @@ def optimize_onnx(path: str | os.PathLike, target: str = "cpu", passes: str | li
     report.quality_final = guard.evaluate(optimized)
 
     next(stages)
-    _measure(report, reference, optimized, feeds[0], graph, candidates=[c for c in kept if c.estimate],
+    _measure(report, reference, optimized, feeds[0], graph, spec, candidates=[c for c in kept if c.estimate],
              rounds=measure_rounds)
     report.memory = {"baseline_bytes": path.stat().st_size, "optimized_bytes": output.stat().st_size,
                      "predicted_optimized_bytes": path.stat().st_size + sum(c.estimate.d_peak_memory for c in kept
@@ -190,7 +191,7 @@ def _why(records: list[PassRecord], rec: CandidateRecord) -> str:
 
 
 def _measure(report: OptimizationReport, reference: Any, optimized: Any, feed: dict[str, np.ndarray], graph: Any,
-             candidates: list[Candidate], rounds: int) -> None:
+             spec: Any, candidates: list[Candidate], rounds: int) -> None:
     """Predicted vs measured ORT latency at the estimate shape: a decode step over a cache for LM graphs."""
     b, s, ctx = graph.estimate_shape
     if graph.model_kind == "causal_lm":
@@ -202,9 +203,8 @@ def _measure(report: OptimizationReport, reference: Any, optimized: Any, feed: d
         shape = "ORT forward on the first quality feed"
     times = interleaved_times({"baseline": lambda: reference.run(None, feed),
                                "optimized": lambda: optimized.run(None, feed)}, rounds=rounds)
-    before = candidates[0].estimate.before if candidates else None
+    before = baseline_latency(graph, spec)
     gain = sum(c.estimate.relative_gain for c in candidates)
     report.latency = {"shape": shape, "baseline_ms": 1e3 * statistics.median(times["baseline"]),
-                      "optimized_ms": 1e3 * statistics.median(times["optimized"])}
-    if before is not None:
-        report.latency.update(predicted_baseline_ms=1e3 * before, predicted_optimized_ms=1e3 * before * (1 - gain))
+                      "optimized_ms": 1e3 * statistics.median(times["optimized"]),
+                      "predicted_baseline_ms": 1e3 * before, "predicted_optimized_ms": 1e3 * before * (1 - gain)}

@@ -48,11 +48,14 @@ def roofline(flops: Expr | float, bytes_moved: Expr | float, peak: float, eff_co
     return launch + core if additive else sp.Max(core, launch, evaluate=False)
 
 
-def _regime_piecewise(rates: dict[int, float], rows: Expr) -> Expr:
-    """The measured rate of the nearest row regime (boundaries at geometric midpoints)."""
+def _compute_seconds(rates: dict[int, float], n: int, k: int, rows: Expr) -> Expr:
+    """Kernel seconds for `rows` rows from the measured regimes: linear in M between two measured row counts
+    (a kernel switch or more reuse changes the slope, never the value at a measured point), FLOPs / the last
+    regime's rate above it. Rates are FLOP/s, so they transfer across (n, k) through the FLOP count."""
     ms = sorted(rates)
-    pieces = [(rates[a], sp.Lt(rows, math.sqrt(a * b))) for a, b in zip(ms, ms[1:])]
-    return sp.Piecewise(*pieces, (rates[ms[-1]], True))
+    at = {m: 2.0 * m * n * k / rates[m] for m in ms}
+    pieces = [(at[a] + (rows - a) * (at[b] - at[a]) / (b - a), sp.Lt(rows, b)) for a, b in zip(ms, ms[1:])]
+    return sp.Piecewise(*pieces, (2 * rows * n * k / rates[ms[-1]], True))
 
 
 def _calibrated(spec: HardwareSpec, key: str) -> dict | None:
@@ -73,8 +76,8 @@ def linear_time(spec: HardwareSpec, scheme: str, n: int, k: int, rows: Expr = B 
     act_bytes = 4 * rows * (n + k)
     cal = _calibrated(spec, scheme)
     if cal is not None:
-        rate = _regime_piecewise(cal["rates"], rows)
-        return cal["overhead"] + sp.Max(flops / rate, (wbytes + act_bytes) / cal["bw"], evaluate=False)
+        compute = _compute_seconds(cal["rates"], n, k, rows)
+        return cal["overhead"] + sp.Max(compute, (wbytes + act_bytes) / cal["bw"], evaluate=False)
     eff = spec.efficiency
     base = scheme.split("_g")[0]
     mem_eff = eff.get(f"gemv_{base}", eff.get("memory", 0.8))
@@ -97,8 +100,9 @@ def op_parts(spec: HardwareSpec, kind: str, **shape: float) -> dict[str, float]:
         flops, bytes_moved = 2.0 * rows * n * k, weight_bytes_value(scheme, n, k) + 4.0 * rows * (n + k)
         cal = _calibrated(spec, scheme)
         if cal is not None:
-            rate = float(_regime_piecewise(cal["rates"], sp.Integer(rows)))
-            return {"compute": flops / rate, "memory": bytes_moved / cal["bw"], "flops": flops, "bytes": bytes_moved}
+            # which bound: FLOPs at the kernel's best measured rate vs bytes at its streaming bandwidth
+            return {"compute": flops / max(cal["rates"].values()), "memory": bytes_moved / cal["bw"],
+                    "flops": flops, "bytes": bytes_moved}
         return {"compute": flops / (spec.flops("bf16" if "int" in scheme else scheme.split("_")[0])
                                     * spec.efficiency.get("matmul", 0.7)),
                 "memory": bytes_moved / (spec.mem_bandwidth * spec.efficiency.get("memory", 0.8)),

@@ -133,6 +133,10 @@ def test_calibrated_linear_formula_reproduces_its_measurement(quick_calibration)
             t = F.evaluate(F.linear_time(spec, scheme, n, k, sp.Integer(rows)))
             net = 2.0 * rows * n * k / rate
             assert t >= v["overhead"] + net * (1 - 1e-9)  # never faster than measured (memory term may bind)
+        # between two measured row counts the kernel time is interpolated linearly in M
+        at = {m: 2.0 * m * n * k / r for m, r in v["rates"].items()}
+        mid = float(F._compute_seconds(v["rates"], n, k, sp.Float(8.5)))
+        assert mid == pytest.approx((at[1] + at[16]) / 2)
 
 
 def _cand(label: str, before: float, after: float) -> Candidate:

@@ -18,7 +18,9 @@ class RewriteEstimate:
     before: float
     after: float
     d_peak_memory: float
-    crossover: float | None = None  # tokens (B*S) at which the rewrite starts to pay; None: pays everywhere / never
+    # prefill length S (batch 1) where the gain changes sign (first flip; `explain` says which side pays);
+    # None: the sign never flips up to 8k tokens
+    crossover: float | None = None
     tokens: int = 1
 
     @property

@@ -42,7 +42,9 @@ class KVCacheConfig(PassConfig):
     sink: int = 4
     merge_threshold: float | None = None  # merge evicted tokens into a kept one above this key cosine similarity
     schedule: str = "uniform"  # per-layer budgets: uniform | pyramid | density (measured on calibration text)
-    context: int = 4096  # context length the cost model plans for
+    # context length the cost model plans for; None = the captured example's (short: auto then leaves the cache
+    # alone, since compression only pays past its crossover; set e.g. 4096 for long-context serving)
+    context: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -51,7 +53,7 @@ class KVCacheConfig(PassConfig):
             raise ConfigError(f"KVCacheConfig.schedule={self.schedule!r}; known: {SCHEDULES}")
         if self.keep != "auto":
             self.settings(self.keep)  # validates ratio / token budget / bits
-        if self.context < 2:
+        if self.context is not None and self.context < 2:
             raise ConfigError(f"KVCacheConfig.context={self.context}; must be >= 2")
 
     def settings(self, keep: float | int, layer_weights: tuple[float, ...] | None = None) -> KVSettings:
@@ -129,11 +131,12 @@ class KVCachePass(Pass):
         if graph.model_kind != "causal_lm" or not sites:
             return [Candidate.skip(self.name, sites, "KV-cache compression needs a causal LM with attention sites")]
         cfg = self.config
+        ctx = cfg.context or max(graph.estimate_shape[2], 1)
         keep = 0.25 if cfg.keep == "auto" else cfg.keep
-        ratio = keep if isinstance(keep, float) else min(keep / cfg.context, 1.0)
-        est = kv_estimate(graph, target, ratio, cfg.bits, cfg.window, cfg.context)
-        label = f"{cfg.policy} keep {cfg.keep} {'int' + str(cfg.bits) if cfg.bits else 'float'} KV @ {cfg.context} ctx"
-        return [Candidate(self.name, sites, {"keep": cfg.keep, "context": cfg.context}, est, label=label, paths=("module",))]
+        ratio = keep if isinstance(keep, float) else min(keep / ctx, 1.0)
+        est = kv_estimate(graph, target, ratio, cfg.bits, cfg.window, ctx)
+        label = f"{cfg.policy} keep {cfg.keep} {'int' + str(cfg.bits) if cfg.bits else 'float'} KV @ {ctx} ctx"
+        return [Candidate(self.name, sites, {"keep": cfg.keep, "context": ctx}, est, label=label, paths=("module",))]
 
     def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
         reasons = [r for m in attention_modules(model) if (r := is_supported(m))]

@@ -210,3 +210,19 @@ def test_compressed_cache_bytes_follow_the_cost_model(smollm2_graph):
     est = kv_estimate(smollm2_graph, get_spec("cpu"), 0.25, 8, 32, 4096)
     assert est.d_latency < 0 and est.d_peak_memory < 0
     assert est.crossover is not None and 16 < est.crossover < 4096, "compression pays only past some context length"
+
+
+def test_kv_cache_pass_round_trips_through_a_checkpoint(tmp_path):
+    import optpass
+    from optpass.passes.kv_cache import KVCacheConfig
+
+    base = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, seed=1)
+    optimized = optpass.optimize(base, passes=[KVCacheConfig(policy="h2o", keep=0.5, bits=8)], quality_budget="kl:10")
+    record = next(r for r in optimized.optpass_report.passes if r.name == "kv_cache")
+    assert record.status == "applied", record.reason
+    optpass.save(optimized, tmp_path / "ckpt")
+    loaded = optpass.load(tmp_path / "ckpt")
+    assert loaded.optpass_kv == optimized.optpass_kv
+    ids = _ids(64, seed=4)
+    assert torch.equal(loaded.generate(ids, max_new_tokens=12, do_sample=False),
+                       optimized.generate(ids, max_new_tokens=12, do_sample=False))

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import RESULTS, Variant, run_scenario, write
 from optpass.digit_dit import load_digit_dit
@@ -33,6 +37,7 @@ CALIB, HOLDOUT = (0, 1, 2, 3), (100, 101, 102, 103, 104, 105)
 POLICIES = ("fixed_interval", "first_block", "teacache", "taylorseer", "taylorseer_gated")
 BUDGET = QualityBudget(min_psnr=30.0)
 STACK = "transformer_blocks"
+GUIDANCE = 2.0  # classifier-free guidance as DiTPipeline does it: every arm sees the doubled [cond; uncond] batch
 
 
 def labels(seeds) -> list[int]:
@@ -100,7 +105,7 @@ def mag_ratios(model: nn.Module, steps: int) -> torch.Tensor:
 
     m = copy.deepcopy(model)
     apply_mag_cache(m, MagCacheConfig(calibrate=True, num_inference_steps=steps + 1))  # +1: no reset at the end
-    ddim_sample(m, CALIB[:1], labels(CALIB[:1]), steps, denoise=peer_denoise(m))
+    ddim_sample(m, CALIB[:1], labels(CALIB[:1]), steps, denoise=peer_denoise(m), guidance_scale=GUIDANCE)
     for mod in m.modules():
         registry = getattr(mod, "_diffusers_hook", None)
         for hook in (registry.hooks.values() if registry is not None else []):
@@ -113,12 +118,12 @@ def mag_ratios(model: nn.Module, steps: int) -> torch.Tensor:
 
 
 def calibrate_peer(model: nn.Module, steps: int, settings) -> tuple[str, nn.Module] | None:
-    ref = ddim_sample(model, CALIB, labels(CALIB), steps)
+    ref = ddim_sample(model, CALIB, labels(CALIB), steps, guidance_scale=GUIDANCE)
     best = None
     for label, apply in settings:
         m = copy.deepcopy(model)
         apply(m)
-        out = ddim_sample(m, CALIB, labels(CALIB), steps, denoise=peer_denoise(m))
+        out = ddim_sample(m, CALIB, labels(CALIB), steps, denoise=peer_denoise(m), guidance_scale=GUIDANCE)
         if image_metrics(ref, out)["psnr"] >= BUDGET.min_psnr + 1.0:
             best = (label, m)
     return best
@@ -128,12 +133,12 @@ def calibrate_peer(model: nn.Module, steps: int, settings) -> tuple[str, nn.Modu
 def timed(model: nn.Module, seeds, steps: int, denoise=None) -> dict[str, float]:
     kwargs = {"denoise": denoise} if denoise else {}
     t0 = time.perf_counter()
-    ddim_sample(model, seeds, labels(seeds), steps, **kwargs)
+    ddim_sample(model, seeds, labels(seeds), steps, guidance_scale=GUIDANCE, **kwargs)
     return {"sample_s": time.perf_counter() - t0}
 
 
 def build_variants(base: nn.Module, steps: int, seeds, policies, peers: bool, images: dict) -> list[Variant]:
-    ref = ddim_sample(base, seeds, labels(seeds), steps)
+    ref = ddim_sample(base, seeds, labels(seeds), steps, guidance_scale=GUIDANCE)
     images["uncached"] = ref
     variants = [Variant(f"{steps} steps / uncached", lambda: base, lambda m: timed(m, seeds, steps),
                         lambda m: {"computed_fraction": 1.0, "psnr_db": float("inf")})]
@@ -141,7 +146,8 @@ def build_variants(base: nn.Module, steps: int, seeds, policies, peers: bool, im
     def quality(name: str, denoise=None):
         def q(m):
             counter = BlockCounter(m) if denoise else None
-            out = ddim_sample(m, seeds, labels(seeds), steps, **({"denoise": denoise} if denoise else {}))
+            out = ddim_sample(m, seeds, labels(seeds), steps, guidance_scale=GUIDANCE,
+                              **({"denoise": denoise} if denoise else {}))
             images[name] = out
             frac = (counter.count / (steps * len(getattr(m, STACK))) if counter
                     else cache_controller(m).stats.computed_fraction)
@@ -151,7 +157,7 @@ def build_variants(base: nn.Module, steps: int, seeds, policies, peers: bool, im
     for name in policies:
         def setup(name=name):
             m = copy.deepcopy(base)
-            res = calibrate(m, STACK, lambda mm, s: ddim_sample(mm, s, labels(s), steps), BUDGET,
+            res = calibrate(m, STACK, lambda mm, s: ddim_sample(mm, s, labels(s), steps, guidance_scale=GUIDANCE), BUDGET,
                                       CALIB, HOLDOUT, (name,))
             if res.chosen is None:
                 raise RuntimeError(res.reason)

@@ -50,10 +50,21 @@ def _shape(model: nn.Module) -> tuple[int, int]:
     return int(model.in_channels), int(model.input_size)
 
 
+def guided(denoise: DenoiseFn, scale: float, null_label: int) -> DenoiseFn:
+    """Classifier-free guidance as DiTPipeline does it: one call on [cond; uncond] (the null class), then
+    eps = eps_u + scale * (eps_c - eps_u). The model, and so a block cache, sees the doubled batch."""
+    def fn(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        eps = denoise(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
+        cond, uncond = eps[:, : x.shape[1]].chunk(2)
+        return uncond + scale * (cond - uncond)
+    return fn
+
+
 @torch.no_grad()
 def ddim_sample(model: nn.Module, seeds: Sequence[int], labels: Sequence[int] | None = None, steps: int = 50,
-                denoise: DenoiseFn = default_denoise, scheduler: Any = None) -> torch.Tensor:
-    """Sample [len(seeds), C, H, W] images with DDIM (eta=0); same seeds + labels => same images."""
+                denoise: DenoiseFn = default_denoise, scheduler: Any = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """Sample [len(seeds), C, H, W] images with DDIM (eta=0); same seeds + labels => same images.
+    `guidance_scale` > 1 applies classifier-free guidance (class-conditional diffusers DiTs: null class = N)."""
     if labels is not None and len(labels) != len(seeds):
         raise ValueError(f"ddim_sample: {len(seeds)} seeds but {len(labels)} labels")
     scheduler = scheduler or make_scheduler("ddim")
@@ -61,6 +72,8 @@ def ddim_sample(model: nn.Module, seeds: Sequence[int], labels: Sequence[int] | 
     channels, size = _shape(model)
     x = initial_noise(channels, size, seeds)
     y = torch.tensor(list(labels), dtype=torch.long) if labels is not None else None
+    if guidance_scale != 1.0 and y is not None:
+        denoise = guided(denoise, guidance_scale, int(model.config.num_embeds_ada_norm))
     for t in scheduler.timesteps:
         eps = denoise(model, x, t.expand(x.shape[0]), y)
         x = scheduler.step(eps[:, :channels], t, x).prev_sample

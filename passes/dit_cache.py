@@ -50,6 +50,7 @@ class DitCacheConfig(PassConfig):
     max_skip: int = 12  # most consecutive skipped steps
     stack: str = ""  # module path of the block list; "" = from the captured graph's BlockSites
     expected_fraction: float = 0.3  # prior for the plan's estimate, before calibration measures it
+    guidance_scale: float = 1.0  # classifier-free guidance of the default sampler (DiTPipeline-style), 1 = off
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.policies if p not in POLICIES]
@@ -132,9 +133,10 @@ class DitCachePass(Pass):
     def sample_fn(self, model: nn.Module) -> SampleFn:
         if self.sampler is not None:
             return self.sampler
-        steps = self.config.steps  # type: ignore[attr-defined]
+        steps, scale = self.config.steps, self.config.guidance_scale  # type: ignore[attr-defined]
         classes = getattr(getattr(model, "config", None), "num_embeds_ada_norm", None)
-        return lambda m, seeds: ddim_sample(m, seeds, [s % classes for s in seeds] if classes else None, steps)
+        return lambda m, seeds: ddim_sample(m, seeds, [s % classes for s in seeds] if classes else None, steps,
+                                            guidance_scale=scale if classes else 1.0)
 
     def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
         cfg: DitCacheConfig = self.config  # type: ignore[assignment]

@@ -17,7 +17,7 @@ from torch import nn
 import optpass
 from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear, QuantizedLinear
 from optpass.backends.onnx.export import export_onnx
-from optpass.backends.onnx.matmul_nbits import NBitsWeight, dequantize, from_int4, from_int8, split_zero
+from optpass.backends.onnx.matmul_nbits import NBitsWeight, dequantize, from_int4, from_int8, split_int8, split_zero
 from optpass.backends.onnx.optimize import optimize_onnx
 from optpass.backends.onnx.runtime import OrtCausalLM
 from optpass.errors import UnknownPassError, UnsupportedModelError
@@ -89,7 +89,7 @@ def tiny_int4(tmp_path_factory: pytest.TempPathFactory):
 
     model = optpass.optimize(tiny_llama(), passes=[QuantizeConfig(weights="int4", lm_head="int8", fast_decode=False)])
     path = tmp_path_factory.mktemp("onnx") / "tiny_int4.onnx"
-    return model, export_onnx(model, path, accuracy_level=0)  # fp32 activations for int8 too: exact math
+    return model, export_onnx(model, path)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,9 @@ def tiny_fp32(tmp_path_factory: pytest.TempPathFactory):
 def test_export_quantized_tiny_llama_matches_pytorch(tiny_int4) -> None:
     model, result = tiny_int4
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    assert result.op_counts.get("com.microsoft::MatMulNBits") == len(quantized) == 15
+    int8 = sum(isinstance(m, Int8Linear) for m in quantized)
+    # int8 layers export as two int4 nibble halves at accuracy level 0 (see matmul_nbits.split_int8)
+    assert len(quantized) == 15 and result.op_counts.get("com.microsoft::MatMulNBits") == len(quantized) + int8
     # plain MatMuls left: q k^T and p v per layer, and each int4 layer's float-zero side term (no float weights)
     assert result.op_counts["MatMul"] == 2 * 2 + sum(isinstance(m, Int4Linear) for m in quantized)
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
@@ -172,7 +174,7 @@ def test_smollm2_int4_export_agrees_with_pytorch(smollm2, tmp_path_factory) -> N
     model, tok = smollm2
     quantized = optpass.optimize(model, passes=[QuantizeConfig(weights="int4", lm_head="int8", fast_decode=False)])
     result = export_onnx(quantized, tmp_path_factory.mktemp("onnx") / "smollm2_int4.onnx")
-    assert result.op_counts["com.microsoft::MatMulNBits"] == 30 * 7 + 1
+    assert result.op_counts["com.microsoft::MatMulNBits"] == 30 * 7 + 2  # int8 head: two nibble halves
     lm = OrtCausalLM(result.path, threads=2)
     agree = []
     with torch.no_grad(), fp32_activations(quantized):
@@ -183,3 +185,12 @@ def test_smollm2_int4_export_agrees_with_pytorch(smollm2, tmp_path_factory) -> N
     prompt = token_windows(tok, 32, 1, offset_windows=8)
     out = lm.generate(prompt, max_new_tokens=16)
     assert torch.equal(lm.logits(out[:, :-1])[0, 31:].argmax(-1), out[0, 32:])
+
+
+def test_int8_nibble_split_is_exact() -> None:
+    torch.manual_seed(0)
+    mod = Int8Linear.from_linear(nn.Linear(128, 48, bias=False), act_dtype=torch.float32)
+    w = from_int8(mod.qweight, mod.scale)
+    high, low, side = split_int8(w)
+    torch.testing.assert_close(dequantize(high) + dequantize(low) + torch.from_numpy(side)[:, None],
+                               mod.dequantized_weight(), rtol=0, atol=1e-5)

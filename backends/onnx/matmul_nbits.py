@@ -41,10 +41,11 @@ def _schema() -> onnx.defs.OpSchema:
 
 
 _MATMUL_NBITS = onnxscript.values.Op(MSFT, "MatMulNBits", _schema())
-INT8_BLOCK = 32
-# accuracy_level per bit width when none is given: int4 keeps fp32 activations (exact vs PyTorch, a fast MLAS
-# path exists); int8's only fast CPU path quantizes activations to int8 per block (level 4)
-DEFAULT_ACCURACY = {4: 0, 8: 4}  # int8 blocks only repeat the channel scale; any power of two dividing K works
+INT8_BLOCK = 32  # int8 blocks only repeat the channel scale; any power of two dividing K works
+# accuracy_level when none is given. Export: 0 for both (fp32 activations, PyTorch's math; int8 goes through
+# `split_int8`). The ONNX-input path writes int8 as one bits=8 node, whose only fast CPU path is level 4.
+DEFAULT_ACCURACY = {4: 0, 8: 0}
+INPUT_DEFAULT_ACCURACY = {4: 0, 8: 4}
 
 
 @dataclass(frozen=True)
@@ -153,26 +154,59 @@ def _onnx_matmul_nbits(x, packed, scales, zeros, in_features: int, out_features:
 TRANSLATIONS = {torch.ops.optpass_onnx.matmul_nbits.default: _onnx_matmul_nbits}
 
 
+def split_int8(w: NBitsWeight) -> tuple[NBitsWeight, NBitsWeight, np.ndarray]:
+    """A bits=8 weight -> two bits=4 weights (high / low nibble of u = q + 128) and a per-channel side term.
+
+    ORT's bits=8 kernel is fast only with int8 activations (accuracy_level 4, which costs SmolLM2's int8 LM
+    head ~2.5% top-1 agreement); with fp32 activations it dequantizes the weight on every call. Exactly:
+    (u - 128) s = 16 s (hi - 8) + s (lo - 8) + 8 s, so y = MatMulNBits4(x, hi, 16 s) + MatMulNBits4(x, lo, s)
+    + sum(x) * 8 s, two fast fp32-activation int4 kernels reading the same bytes as the int8 weight.
+    """
+    u = w.packed.astype(np.uint8)
+    hi, lo = u >> 4, u & 0x0F
+
+    def pack(nib: np.ndarray) -> np.ndarray:
+        return (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8)
+
+    side = (8.0 * w.scales[:, 0]).astype(np.float32)
+    return (NBitsWeight(pack(hi), (16.0 * w.scales).astype(np.float32), None, w.in_features, w.out_features, 4, w.block_size),
+            NBitsWeight(pack(lo), w.scales, None, w.in_features, w.out_features, 4, w.block_size), side)
+
+
 class NBitsLinear(nn.Module):
-    """A linear whose export is one MatMulNBits node (+ the float-zero side term, see `split_zero`)."""
+    """A linear exported as MatMulNBits node(s) with integer default zero points, plus exact side terms:
+    int4's float zero (`split_zero`), and at accuracy_level 0 int8 as two nibble halves (`split_int8`)."""
 
     def __init__(self, w: NBitsWeight, bias: torch.Tensor | None, accuracy_level: int | None = None) -> None:
         super().__init__()
-        accuracy_level = DEFAULT_ACCURACY[w.bits] if accuracy_level is None else accuracy_level
-        w, corr = split_zero(w)
-        self.in_features, self.out_features, self.bits, self.block_size = w.in_features, w.out_features, w.bits, w.block_size
-        self.accuracy_level = accuracy_level
-        self.register_buffer("packed", torch.from_numpy(w.packed))
-        self.register_buffer("scales", torch.from_numpy(w.scales))
+        self.accuracy_level = DEFAULT_ACCURACY[w.bits] if accuracy_level is None else accuracy_level
+        self.in_features, self.out_features, self.block_size = w.in_features, w.out_features, w.block_size
+        side = None
+        if w.bits == 8 and self.accuracy_level == 0:
+            high, low, side = split_int8(w)
+            parts, corr = [high, low], None
+        else:
+            w, corr = split_zero(w)
+            parts = [w]
+        self.bits = [p.bits for p in parts]
+        for i, part in enumerate(parts):
+            self.register_buffer(f"packed{i}", torch.from_numpy(part.packed))
+            self.register_buffer(f"scales{i}", torch.from_numpy(part.scales))
         self.register_buffer("zero_correction", None if corr is None else torch.from_numpy(corr))
+        self.register_buffer("channel_side", None if side is None else torch.from_numpy(side))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul_nbits(x, self.packed, self.scales, None, self.in_features, self.out_features, self.bits,
-                         self.block_size, self.accuracy_level)
+        y = None
+        for i, bits in enumerate(self.bits):
+            part = matmul_nbits(x, getattr(self, f"packed{i}"), getattr(self, f"scales{i}"), None, self.in_features,
+                                self.out_features, bits, self.block_size, self.accuracy_level)
+            y = part if y is None else y + part
         if self.zero_correction is not None:
             groups = self.in_features // self.block_size
             y = y + x.reshape(*x.shape[:-1], groups, self.block_size).sum(-1) @ self.zero_correction
+        if self.channel_side is not None:
+            y = y + x.sum(-1, keepdim=True) * self.channel_side
         return y if self.bias is None else y + self.bias
 
 

@@ -14,7 +14,7 @@ import onnx_ir.passes.common as common
 import torch
 
 from optpass.backends.onnx.graph_sites import OnnxLinear, find_linears
-from optpass.backends.onnx.matmul_nbits import DEFAULT_ACCURACY, NBitsWeight, int8_block, quantize_weight, split_zero
+from optpass.backends.onnx.matmul_nbits import INPUT_DEFAULT_ACCURACY, NBitsWeight, int8_block, quantize_weight, split_zero
 
 MS_DOMAIN = "com.microsoft"
 
@@ -67,7 +67,7 @@ def _replace(graph: ir.Graph, lin: OnnxLinear, w: NBitsWeight, accuracy_level: i
         inputs.append(_initializer(graph, f"{base}.zeros", split.zeros))
     nodes = [_node("MatMulNBits", inputs, f"{old.name}_nbits", MS_DOMAIN, K=w.in_features, N=w.out_features,
                    bits=w.bits, block_size=w.block_size,
-                   accuracy_level=DEFAULT_ACCURACY[w.bits] if accuracy_level is None else accuracy_level)]
+                   accuracy_level=INPUT_DEFAULT_ACCURACY[w.bits] if accuracy_level is None else accuracy_level)]
     if corr is not None:
         groups = w.in_features // w.block_size
         shape = _initializer(graph, f"{base}.group_shape", np.array([0] * (rank - 1) + [groups, w.block_size], np.int64))

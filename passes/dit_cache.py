@@ -173,6 +173,8 @@ class DitCachePass(Pass):
         if not found:
             return {}
         path, ctl = found
+        if ctl.policy is None:
+            return {}
         return {"stack": path, "policy": ctl.policy.name, "params": ctl.policy.params(), "n_first": ctl.n_first,
                 "n_last": ctl.n_last, "timestep_arg": ctl.timestep_arg}
 

@@ -137,9 +137,12 @@ def test_plain_pytorch_dit(tmp_path):
     ref = ddim_sample(model, [0, 1], [3, 4], steps=12)
     controller = install_block_cache(model, "blocks", make_policy("first_block", threshold=0.0, warmup=1), n_first=1)
     assert torch.equal(ddim_sample(model, [0, 1], [3, 4], steps=12), ref) and controller.stats.steps == 12
-    install_block_cache(model, "blocks", make_policy("fixed_interval", threshold=2))
-    out = ddim_sample(model, [0, 1], [3, 4], steps=12)
-    assert cache_controller(model).stats.computed_fraction < 1.0 and not torch.equal(out, ref)
+    from optpass.passes.dit_caching import block_cache
+
+    with block_cache(model, "blocks", make_policy("fixed_interval", threshold=2)) as ctl:
+        out = ddim_sample(model, [0, 1], [3, 4], steps=12)
+    assert ctl.stats.computed_fraction < 1.0 and not torch.equal(out, ref)
+    assert type(model.blocks) is torch.nn.ModuleList and torch.equal(ddim_sample(model, [0, 1], [3, 4], steps=12), ref)
 
 
 def _run_pass(model, config, budget="psnr:30"):
@@ -208,6 +211,15 @@ def test_impossible_budget_is_refused(digit_dit):
     result = p.apply(digit_dit, p.candidates(_graph(digit_dit), get_spec("cpu")), ApplyContext(target=get_spec("cpu")))
     assert not result.modified and "no policy / threshold meets the budget" in result.reason
     assert type(digit_dit.transformer_blocks) is torch.nn.ModuleList  # nothing left installed
+
+
+def test_structure_that_leaves_nothing_to_cache_is_rejected():
+    from optpass.errors import UnsupportedModelError
+
+    model = PlainDiT(depth=3)
+    with pytest.raises(UnsupportedModelError, match="no block to cache"):
+        install_block_cache(model, "blocks", make_policy("first_block", threshold=0.1), n_first=2, n_last=1)
+    assert type(model.blocks) is torch.nn.ModuleList
 
 
 def test_config_validation():

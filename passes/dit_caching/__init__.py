@@ -9,11 +9,12 @@ from optpass.passes.dit_caching.policy import POLICIES, CachePolicy, StepSignal,
 from optpass.passes.dit_caching.stack import (
     BlockCacheController,
     CachedBlockStack,
+    block_cache,
     cache_controller,
     install_block_cache,
     remove_block_cache,
 )
 
 __all__ = ["POLICIES", "BlockCacheController", "CachePolicy", "CachedBlockStack", "CalibrationResult", "Setting",
-           "StepSignal", "cache_controller", "calibrate", "install_block_cache", "make_policy", "register_policy",
+           "StepSignal", "block_cache", "cache_controller", "calibrate", "install_block_cache", "make_policy", "register_policy",
            "remove_block_cache"]

@@ -18,6 +18,8 @@ forwards, training steps).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +56,7 @@ class BlockCacheController:
 
     def __init__(self, policy: CachePolicy | None, num_blocks: int, n_first: int, n_last: int,
                  timestep_arg: str | int = "timestep", trace: bool = False) -> None:
-        if not 0 <= n_first and 0 <= n_last and n_first + n_last < num_blocks:
+        if not (n_first >= 0 and n_last >= 0 and n_first + n_last < num_blocks):
             raise UnsupportedModelError(
                 f"dit_cache: {num_blocks} blocks with first {n_first} and last {n_last} always computed leaves "
                 "no block to cache")
@@ -266,3 +268,14 @@ def remove_block_cache(model: nn.Module) -> None:
             del model._forward_pre_hooks[key]
             model._forward_pre_hooks_with_kwargs.pop(key, None)
     del model._optpass_dit_cache
+
+
+@contextmanager
+def block_cache(model: nn.Module, stack_path: str, policy: CachePolicy, **kwargs: Any) -> Iterator[BlockCacheController]:
+    """`with block_cache(policy_net, "blocks", make_policy("taylorseer", threshold=3)):` for any iterative
+    sampler whose blocks repeat per step (diffusion policies, flow matching); removed in `finally`."""
+    controller = install_block_cache(model, stack_path, policy, **kwargs)
+    try:
+        yield controller
+    finally:
+        remove_block_cache(model)

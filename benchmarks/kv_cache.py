@@ -32,7 +32,6 @@ ARMS: dict[str, KVSettings | None] = {  # name -> settings (None = full static c
     "snapkv-int8@0.25": KVSettings(policy="snapkv", keep=0.25, bits=8),
     "snapkv-float@0.25": KVSettings(policy="snapkv", keep=0.25, bits=None),
     "snapkv-int8@0.125": KVSettings(policy="snapkv", keep=0.125, bits=8),
-    "streaming-int8@0.25": KVSettings(policy="streaming", keep=0.25, bits=8),
 }
 
 
@@ -96,7 +95,7 @@ def main() -> None:
     model, tok = int8_model()
     plan = [("full", 512), ("snapkv-int8@0.25", 512)] if args.quick else \
         [("full", 2048), ("snapkv-int8@0.25", 2048), ("full", 4096), ("snapkv-int8@0.25", 4096),
-         ("snapkv-float@0.25", 4096), ("snapkv-int8@0.125", 4096), ("streaming-int8@0.25", 4096)]
+         ("snapkv-float@0.25", 4096), ("snapkv-int8@0.125", 4096)]
     prompts = {c: token_windows(tok, window=c - NEW, count=1, offset_windows=2) for c in {c for _, c in plan}}
     variants = [variant(model, prompts[c], arm, c) for arm, c in plan]
     if args.quick:

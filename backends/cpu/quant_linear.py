@@ -3,10 +3,13 @@
 y[..., N] = x[..., K] @ W.T (+ b) with W stored in the canonical format of `backends/quant_format.py`:
 - `Int8Linear`: decode rows (M <= 8) use optpass's memory-bound GEMV (`gemv_ops.py`, fp32 activations);
   M >= `w8a8_min_rows` (opt-in, at the cost model's crossover) uses W8A8 dynamic: activations quantized per
-  token and `torch._int_mm` (VNNI); other M >= `dequant_min_rows` dequantize to bf16 for a compute-bound GEMM;
-  the few rows in between use `aten._weight_int8pack_mm`.
-- `Int4Linear`: `aten._weight_int4pack_mm_for_cpu` on the tinygemm layout derived from the canonical one for
-  few rows; above `dequant_min_rows` the weight is dequantized to bf16 for a compute-bound GEMM.
+  token and `torch._int_mm` (VNNI); other M >= `dequant_min_rows` (32) dequantize to bf16 for a compute-bound
+  GEMM; the rows in between use `aten._weight_int8pack_mm`.
+- `Int4Linear`: `aten._weight_int4pack_mm_for_cpu` on the tinygemm layout derived from the canonical one up to
+  `dequant_min_rows` (128) rows; above it the weight is dequantized to bf16 for a compute-bound GEMM.
+
+The row thresholds come from `python benchmarks/linear_kernels.py` (576 -> 1536, this CPU, 2 threads): per
+M, the fastest kernel, and never slower than the fp32 `nn.Linear` it replaces.
 PyTorch's packed kernels are fast only with bf16 activations (fp32 takes a reference path ~10x slower), so
 they run in `act_dtype` (bf16 by default); outputs come back in the input's dtype.
 Canonical tensors are persistent buffers (what a checkpoint stores); kernel layouts are derived ones.
@@ -80,7 +83,7 @@ class Int8Linear(QuantizedLinear):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  act_dtype: torch.dtype = torch.bfloat16, w8a8_min_rows: int | None = None,
-                 dequant_min_rows: int | None = 16) -> None:
+                 dequant_min_rows: int | None = 32) -> None:
         super().__init__(q.shape[1], q.shape[0], bias, act_dtype)
         self.dequant_min_rows = dequant_min_rows
         self.register_buffer("qweight", q.to(torch.int8).contiguous())
@@ -130,7 +133,7 @@ class Int4Linear(QuantizedLinear):
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, act_dtype: torch.dtype = torch.bfloat16,
-                 dequant_min_rows: int | None = 16) -> None:
+                 dequant_min_rows: int | None = 128) -> None:
         super().__init__(packed.shape[1] * 2, packed.shape[0], bias, act_dtype)
         self.group_size, self.dequant_min_rows = group_size, dequant_min_rows
         self.register_buffer("qweight", packed.contiguous())

@@ -71,6 +71,12 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, act_dtype={self.act_dtype}"
 
 
+def _use_dequant(rows: int, dequant_min_rows: int | None, act_dtype: torch.dtype) -> bool:
+    """The fused int8pack / tinygemm kernels are fast with bf16 activations only (fp32: ~25x slower here, and
+    their derived scale buffers are bf16); other activation dtypes take the dequantize-then-GEMM path."""
+    return act_dtype != torch.bfloat16 or (dequant_min_rows is not None and rows >= dequant_min_rows)
+
+
 def _dequantized_gemm(x2d: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Compute-bound rows: dequantize once per call, then a bf16 GEMM (weight-only kernels run ~5x slower here)."""
     return torch.nn.functional.linear(x2d.to(dtype), weight.to(dtype))
@@ -111,7 +117,7 @@ class Int8Linear(QuantizedLinear):
             return torch.ops.optpass.gemv_int8(x2d.float(), self.qweight, self.scale)
         if self.w8a8_min_rows is not None and rows >= self.w8a8_min_rows:
             return self._w8a8(x2d)
-        if self.dequant_min_rows is not None and rows >= self.dequant_min_rows:
+        if _use_dequant(rows, self.dequant_min_rows, self.act_dtype):
             return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
         return aten._weight_int8pack_mm(x2d.to(self.act_dtype), self.qweight, self.kernel_scale)
 
@@ -157,7 +163,7 @@ class Int4Linear(QuantizedLinear):
         if x2d.is_cuda:
             return torch.ops.optpass.int4_weight_only_linear(
                 x2d.to(self.act_dtype), self.qweight, self.scale, self.zero, self.group_size, None)
-        if self.dequant_min_rows is not None and x2d.shape[0] >= self.dequant_min_rows:
+        if _use_dequant(x2d.shape[0], self.dequant_min_rows, self.act_dtype):
             return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
         return aten._weight_int4pack_mm_for_cpu(x2d.to(self.act_dtype), self.kernel_weight, self.group_size,
                                                 self.kernel_scales_zeros)

@@ -56,7 +56,10 @@ def test_int8_prefill_runs_w8a8_int_mm(linear):
 def test_int4_runs_tinygemm_kernel(linear):
     module = Int4Linear.from_linear(linear, 32)
     assert "aten._weight_int4pack_mm_for_cpu" in _ops(module, rows=1)
-    assert "aten._weight_int4pack_mm_for_cpu" not in _ops(module, rows=64)  # dequantized bf16 GEMM instead
+    assert "aten._weight_int4pack_mm_for_cpu" in _ops(module, rows=64)  # still faster than the dequant path here
+    assert "aten._weight_int4pack_mm_for_cpu" not in _ops(module, rows=128)  # dequantized bf16 GEMM instead
+    module.act_dtype = torch.float32  # the fused kernel is bf16-only: fp32 activations dequantize
+    assert "aten._weight_int4pack_mm_for_cpu" not in _ops(module, rows=1)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64])

@@ -98,14 +98,14 @@ class LlamaCppRunner:
         return torch.from_numpy(self.llm.scores[: ids.shape[1]].copy()).float()[None]
 
 
-def decode_rate(runner: Any, prompt: torch.Tensor) -> float:
-    """127 / (T(128 new) - T(1 new)): decode only, prefill subtracted (as in shared/PEERS.md)."""
+def decode_rate(runner: Any, prompt: torch.Tensor, new: int = NEW) -> float:
+    """(new - 1) / (T(new) - T(1 new)): decode only, prefill subtracted (as in shared/PEERS.md)."""
     t = time.perf_counter()
     runner.generate(prompt, 1)
     first = time.perf_counter() - t
     t = time.perf_counter()
-    runner.generate(prompt, NEW)
-    return (NEW - 1) / (time.perf_counter() - t - first)
+    runner.generate(prompt, new)
+    return (new - 1) / (time.perf_counter() - t - first)
 
 
 def prefill_ms(runner: Any, ids: torch.Tensor) -> float:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.decode import HFRunner  # noqa: E402
+from benchmarks.decode import HFRunner, decode_rate  # noqa: E402
 from benchmarks.harness import Variant, run_scenario  # noqa: E402
 
 
@@ -40,16 +40,6 @@ class OrtRunner:
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.logits(ids)
-
-
-def decode_rate(runner: Any, prompt: torch.Tensor, new: int) -> float:
-    """(new - 1) / (T(new) - T(1)): decode only, prefill subtracted (as benchmarks/decode.py)."""
-    t = time.perf_counter()
-    runner.generate(prompt, 1)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    runner.generate(prompt, new)
-    return (new - 1) / (time.perf_counter() - t - first)
 
 
 def build(model: Any, workdir: Path, threads: int, quick: bool) -> list[tuple[str, Any, str]]:

@@ -46,9 +46,19 @@ def _compressed_forward(self: nn.Module, hidden_states: torch.Tensor, position_e
     return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
 
 
+def rope_for(cls: type) -> Any:
+    """The model's own `apply_rotary_pos_emb`, from the module that defines its attention class or the class it
+    derives from (so a swapped class finds its model's), or None."""
+    for klass in cls.__mro__:
+        fn = getattr(sys.modules[klass.__module__], "apply_rotary_pos_emb", None)
+        if fn is not None:
+            return fn
+    return None
+
+
 def _subclass(cls: type) -> type:
     if cls not in _SUBCLASSES:
-        rope = getattr(sys.modules[cls.__module__], "apply_rotary_pos_emb", None)
+        rope = rope_for(cls)
         _SUBCLASSES[cls] = type(f"Compressed{cls.__name__}", (cls,), {
             "forward": _compressed_forward, "_optpass_rope": staticmethod(rope), "__module__": __name__})
     return _SUBCLASSES[cls]
@@ -59,7 +69,7 @@ def is_supported(module: nn.Module) -> str | None:
     missing = [a for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx") if not hasattr(module, a)]
     if missing:
         return f"{type(module).__name__} lacks {', '.join(missing)} (not Llama-style attention)"
-    if getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None) is None:
+    if rope_for(type(module)) is None:
         return f"{type(module).__module__} has no apply_rotary_pos_emb"
     return None
 

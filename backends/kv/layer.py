@@ -57,8 +57,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0
         if self.store is not None:
             self.t.zero_()
-            self.age.fill_(-1)
-            self.win_age.fill_(-1)
+            self.reset_tensors()
 
     # -- storage ---------------------------------------------------------------------------------------------
     def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from optpass.backends.kv.attention import rope_for
 from optpass.errors import ConfigError
 
 SCHEDULES = ("uniform", "pyramid", "density")
@@ -42,12 +43,7 @@ def attention_density(model: nn.Module, batches: list[torch.Tensor], mass: float
             q = module.q_proj(hidden).view(b, s, -1, module.head_dim).transpose(1, 2)
             k = module.k_proj(hidden).view(b, s, -1, module.head_dim).transpose(1, 2)
             cos, sin = kwargs["position_embeddings"]
-            rope = module._optpass_rope if hasattr(module, "_optpass_rope") else None
-            if rope is None:
-                import sys
-
-                rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
-            q, k = rope(q, k, cos, sin)
+            q, k = rope_for(type(module))(q, k, cos, sin)
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             n = min(queries, s)
             logits = (q[:, :, -n:] @ k.transpose(-1, -2)) * module.scaling

@@ -3,13 +3,15 @@
 y[..., N] = x[..., K] @ W.T (+ b) with W stored in the canonical format of `backends/quant_format.py`:
 - `Int8Linear`: decode rows (M <= 8) use optpass's memory-bound GEMV (`gemv_ops.py`, fp32 activations);
   M >= `w8a8_min_rows` (opt-in, at the cost model's crossover) uses W8A8 dynamic: activations quantized per
-  token and `torch._int_mm` (VNNI); other M >= `dequant_min_rows` (32) dequantize to bf16 for a compute-bound
-  GEMM; the rows in between use `aten._weight_int8pack_mm`.
-- `Int4Linear`: `aten._weight_int4pack_mm_for_cpu` on the tinygemm layout derived from the canonical one up to
-  `dequant_min_rows` (128) rows; above it the weight is dequantized to bf16 for a compute-bound GEMM.
+  token and `torch._int_mm` (VNNI); other M >= `dequant_min_rows` (32; 16 for vocabulary-sized weights)
+  dequantize to bf16 for a compute-bound GEMM; the rows in between use `aten._weight_int8pack_mm`.
+- `Int4Linear`: `aten._weight_int4pack_mm_for_cpu` on the tinygemm layout derived from the canonical one below
+  `dequant_min_rows` (64) rows; from there the weight is dequantized to bf16 for a compute-bound GEMM.
+Eager dequantization goes piecewise into one reused bf16 workspace (`optpass::dequant_bf16_`, C++): built
+from plain ops, its weight-sized temporaries landed on freshly mapped pages every call and cost ~3x the GEMM.
 
-The row thresholds come from `python benchmarks/linear_kernels.py` (576 -> 1536, this CPU, 2 threads): per
-M, the fastest kernel, and never slower than the fp32 `nn.Linear` it replaces.
+The row thresholds come from `python benchmarks/linear_kernels.py` (every SmolLM2 linear shape, this CPU,
+2 threads): per M, the fastest kernel.
 PyTorch's packed kernels are fast only with bf16 activations (fp32 takes a reference path ~10x slower), so
 they run in `act_dtype` (bf16 by default); outputs come back in the input's dtype.
 Canonical tensors are persistent buffers (what a checkpoint stores); kernel layouts are derived ones.
@@ -32,6 +34,7 @@ from optpass.backends.quant_format import (
 )
 
 aten = torch.ops.aten
+LARGE_WEIGHT = 1 << 24  # elements (e.g. SmolLM2's 49152 x 576 head)
 
 
 class QuantizedLinear(nn.Module):
@@ -82,6 +85,38 @@ def _dequantized_gemm(x2d: torch.Tensor, weight: torch.Tensor, dtype: torch.dtyp
     return torch.nn.functional.linear(x2d.to(dtype), weight.to(dtype))
 
 
+_CHUNK_ELEMENTS = 1 << 21  # weight elements dequantized per piece: a 4 MiB bf16 workspace, reused
+_scratch: list[torch.Tensor] = [torch.empty(0, dtype=torch.bfloat16)]
+
+
+def _workspace(numel: int) -> torch.Tensor:
+    if _scratch[0].numel() < numel:
+        _scratch[0] = torch.empty(numel, dtype=torch.bfloat16)
+    return _scratch[0][:numel]
+
+
+def _fused_dequant_ok(x2d: torch.Tensor, act_dtype: torch.dtype) -> bool:
+    """The C++ dequantize-into-workspace path: eager CPU calls with bf16 activations and the kernels built
+    (traced graphs keep the plain ops, which Inductor fuses and plans buffers for itself)."""
+    return act_dtype == torch.bfloat16 and gemv_ops.available() and not torch.compiler.is_compiling()
+
+
+def _workspace_gemm(x2d: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    group_size: int, out_features: int, in_features: int) -> torch.Tensor:
+    """bf16 GEMM on weights dequantized piecewise into one reused workspace (`optpass::dequant_bf16_`): no
+    weight-sized temporaries, whose fresh pages made the eager dequantize cost ~3x the GEMM it fed.
+    Computes y^T piece by piece (contiguous output rows), returns y [M, N] as a transposed view."""
+    x_t = x2d.to(torch.bfloat16).t()
+    y_t = torch.empty(out_features, x2d.shape[0], dtype=torch.bfloat16)
+    step = max(1, _CHUNK_ELEMENTS // in_features)
+    for a in range(0, out_features, step):
+        b = min(out_features, a + step)
+        w = _workspace((b - a) * in_features).view(b - a, in_features)
+        torch.ops.optpass.dequant_bf16_(w, q[a:b], scale[a:b], None if zero is None else zero[a:b], group_size)
+        torch.mm(w, x_t, out=y_t[a:b])
+    return y_t.t()
+
+
 class Int8Linear(QuantizedLinear):
     """Weight-only int8 (per output channel, symmetric); W8A8 dynamic above `w8a8_min_rows` rows."""
 
@@ -89,9 +124,11 @@ class Int8Linear(QuantizedLinear):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  act_dtype: torch.dtype = torch.bfloat16, w8a8_min_rows: int | None = None,
-                 dequant_min_rows: int | None = 32) -> None:
+                 dequant_min_rows: int | None = None) -> None:
         super().__init__(q.shape[1], q.shape[0], bias, act_dtype)
-        self.dequant_min_rows = dequant_min_rows
+        # int8pack slows down with N: a vocabulary-sized head is faster dequantized from 16 rows, others from 32
+        big = q.numel() >= LARGE_WEIGHT
+        self.dequant_min_rows = dequant_min_rows if dequant_min_rows is not None else (16 if big else 32)
         self.register_buffer("qweight", q.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.w8a8_min_rows = w8a8_min_rows
@@ -118,6 +155,8 @@ class Int8Linear(QuantizedLinear):
         if self.w8a8_min_rows is not None and rows >= self.w8a8_min_rows:
             return self._w8a8(x2d)
         if _use_dequant(rows, self.dequant_min_rows, self.act_dtype):
+            if _fused_dequant_ok(x2d, self.act_dtype):
+                return _workspace_gemm(x2d, self.qweight, self.scale, None, 0, self.out_features, self.in_features)
             return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
         return aten._weight_int8pack_mm(x2d.to(self.act_dtype), self.qweight, self.kernel_scale)
 
@@ -139,7 +178,7 @@ class Int4Linear(QuantizedLinear):
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, act_dtype: torch.dtype = torch.bfloat16,
-                 dequant_min_rows: int | None = 128) -> None:
+                 dequant_min_rows: int | None = 64) -> None:
         super().__init__(packed.shape[1] * 2, packed.shape[0], bias, act_dtype)
         self.group_size, self.dequant_min_rows = group_size, dequant_min_rows
         self.register_buffer("qweight", packed.contiguous())
@@ -164,6 +203,9 @@ class Int4Linear(QuantizedLinear):
             return torch.ops.optpass.int4_weight_only_linear(
                 x2d.to(self.act_dtype), self.qweight, self.scale, self.zero, self.group_size, None)
         if _use_dequant(x2d.shape[0], self.dequant_min_rows, self.act_dtype):
+            if _fused_dequant_ok(x2d, self.act_dtype):
+                return _workspace_gemm(x2d, self.qweight, self.scale, self.zero, self.group_size, self.out_features,
+                                       self.in_features)
             return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
         return aten._weight_int4pack_mm_for_cpu(x2d.to(self.act_dtype), self.kernel_weight, self.group_size,
                                                 self.kernel_scales_zeros)

@@ -47,6 +47,14 @@ class OrtCausalLM:
         out, _ = self.step(ids.numpy().astype(np.int64), self._empty_past(ids.shape[0]))
         return torch.from_numpy(out)
 
+    def stepwise_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [S, V] of `ids` [1, S] fed one token per step through the cache, as `generate` runs."""
+        past, steps = self._empty_past(1), []
+        for t in range(ids.shape[1]):
+            out, past = self.step(ids[:, t:t + 1].numpy().astype(np.int64), past)
+            steps.append(out[0, -1])
+        return torch.from_numpy(np.stack(steps))
+
     def generate(self, ids: torch.Tensor, max_new_tokens: int, min_new_tokens: int | None = None,
                  eos_token_id: int | list[int] | None = None) -> torch.Tensor:
         """Greedy decoding: prefill once, then one token per step against the cache. Returns [B, S + new]."""

@@ -128,12 +128,12 @@ def statistics_of(points: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 rewrites, decode + prefill 16/128, 2 rounds")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, quick 2)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds or (2 if args.quick else 7)
     record = cal.load()
     if record is None or (record.get("quick") and not args.quick):
         record = cal.calibrate(quick=args.quick)

@@ -5,7 +5,8 @@ Measures (median of several repetitions, with the spread; a measurement whose sp
 - linear layers per weight scheme (fp32, bf16, int8 / int4 weight-only as optpass's own `Int8Linear` /
   `Int4Linear` run them) at M in {1, 16, 128, 1024} rows, each kernel measured, never scaled from another dtype;
   the per-call overhead (a tiny layer) is separated from the throughput (a stack of layers larger than the cache);
-- causal SDPA FLOP/s vs sequence length; the dispatch floor of a small aten op and of an nn.Module call.
+- causal SDPA FLOP/s vs sequence length; the dispatch floor of a small aten op, of an nn.Module call and of
+  a decode-sized SDPA call.
 The result is cached as JSON keyed by a fingerprint (torch version, thread count, ISA flags, CPU model), so a
 different torch, thread count or machine never reuses it.
 """
@@ -146,10 +147,14 @@ def _sdpa(seqs: tuple[int, ...], reps: int, heads: int = 9, dim: int = 64) -> di
 
 
 def _floors(reps: int) -> dict[str, dict[str, float]]:
+    """Per-call costs that no FLOP or byte explains: a tiny aten op, an nn.Module call, and a decode-sized
+    SDPA (one query over 64 keys: its setup, not its math, is what a decode step pays per layer)."""
     x, y, ident = torch.ones(8), torch.ones(8), nn.Identity()
     op = _time(lambda: torch.add(x, y), reps, inner=500)
     mod = _time(lambda: ident(x), reps, inner=500)
-    return {"op": op, "module": {**mod, "median": max(mod["median"], 0.0)}}
+    q, kv = torch.randn(1, 9, 1, 64), torch.randn(1, 9, 64, 64)
+    sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, kv, kv), reps, inner=50)
+    return {"op": op, "module": {**mod, "median": max(mod["median"], 0.0)}, "sdpa": sdpa}
 
 
 def calibrate(quick: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -203,6 +208,7 @@ def spec_from_record(record: dict[str, Any]) -> HardwareSpec:
     return dataclasses.replace(
         base, name="cpu", peak_flops=peaks, mem_bandwidth=bw, efficiency=eff, calibrated=True,
         launch_floor=record["floors"]["op"]["median"], module_floor=record["floors"]["module"]["median"],
+        attention_floor=max(record["floors"].get("sdpa", {}).get("median", 0.0) - record["floors"]["op"]["median"], 0.0),
         linear=linear, attention_rates=attention, error_band=band,
         source={**base.source, "calibration": note, "mem_bandwidth": "fused triad, calibrated",
                 "peak_flops": "best measured GEMM rate per dtype / kernel (calibrated)"})

@@ -127,7 +127,7 @@ def sdpa_time(spec: HardwareSpec, heads: int, kv_heads: int, dim: int, causal: b
     flops = attention_flops(batch, heads, q_len, ctx, dim, causal)
     bytes_moved = batch * dim * elem_bytes * (2 * heads * q_len + 2 * kv_heads * ctx)
     return roofline(flops, bytes_moved, spec.flops("fp32"), spec.efficiency.get("attention", 0.5), spec.mem_bandwidth,
-                    spec.efficiency.get("memory", 0.8), spec.launch_floor, spec.launch_additive)
+                    spec.efficiency.get("memory", 0.8), spec.launch_floor + spec.attention_floor, spec.launch_additive)
 
 
 def kv_read_bytes(layers: int, kv_heads: int, dim: int, elem_bytes: float, keep_ratio: Expr | float = 1,
@@ -150,7 +150,7 @@ def sparse_attention_time(spec: HardwareSpec, heads: int, kv_heads: int, dim: in
     index = batch * heads * sp.ceiling(q_len / block) * sp.ceiling(ctx / block) * rho * index_bytes
     bytes_moved = batch * dim * elem_bytes * (2 * heads * q_len + 2 * kv_heads * ctx * rho) + index
     return roofline(flops, bytes_moved, spec.flops("fp32"), spec.efficiency.get("attention", 0.5), spec.mem_bandwidth,
-                    spec.efficiency.get("memory", 0.8), spec.launch_floor, spec.launch_additive)
+                    spec.efficiency.get("memory", 0.8), spec.launch_floor + spec.attention_floor, spec.launch_additive)
 
 
 def linear_attention_time(spec: HardwareSpec, heads: int, dim: int, batch: Expr = B, q_len: Expr = S,

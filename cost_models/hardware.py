@@ -46,6 +46,7 @@ class HardwareSpec:
     linear: dict[str, dict] = field(default_factory=dict)  # scheme -> {"overhead": s, "rates": {M: FLOP/s}, "bw": B/s}
     attention_rates: dict[int, float] = field(default_factory=dict)  # causal SDPA seq len -> FLOP/s (calibrated)
     module_floor: float = 0.0  # seconds per nn.Module call in eager mode (Python overhead)
+    attention_floor: float = 0.0  # seconds per fused-attention call on top of the launch floor (CPU SDPA setup)
 
     def flops(self, dtype: str) -> float:
         """Peak for `dtype`; int weight-only GEMMs compute in the activation dtype."""

@@ -56,10 +56,35 @@ def test_int8_prefill_runs_w8a8_int_mm(linear):
 def test_int4_runs_tinygemm_kernel(linear):
     module = Int4Linear.from_linear(linear, 32)
     assert "aten._weight_int4pack_mm_for_cpu" in _ops(module, rows=1)
-    assert "aten._weight_int4pack_mm_for_cpu" in _ops(module, rows=64)  # still faster than the dequant path here
-    assert "aten._weight_int4pack_mm_for_cpu" not in _ops(module, rows=128)  # dequantized bf16 GEMM instead
+    assert "aten._weight_int4pack_mm_for_cpu" in _ops(module, rows=32)  # still faster than the dequant path here
+    prefill = _ops(module, rows=64)
+    assert "aten._weight_int4pack_mm_for_cpu" not in prefill and "aten.mm" in prefill  # dequantized bf16 GEMM
+    if gemv_ops.available():
+        assert "optpass.dequant_bf16_" in prefill  # into the reused workspace, not through plain-op temporaries
     module.act_dtype = torch.float32  # the fused kernel is bf16-only: fp32 activations dequantize
     assert "aten._weight_int4pack_mm_for_cpu" not in _ops(module, rows=1)
+
+
+@pytest.mark.skipif(not gemv_ops.available(), reason="optpass C++ kernels not built here")
+@pytest.mark.parametrize("make", [lambda lin: Int8Linear.from_linear(lin), lambda lin: Int4Linear.from_linear(lin, 32),
+                                  lambda lin: Int4Linear.from_linear(lin, 64)], ids=["int8", "int4_g32", "int4_g64"])
+def test_workspace_dequant_gemm_matches_plain_ops(monkeypatch, make):
+    """The C++ dequantize-into-workspace path equals the plain-op dequantize + bf16 GEMM, also when the weight is
+    cut into several workspace pieces (the last one short)."""
+    from optpass.backends.cpu import quant_linear
+
+    torch.manual_seed(0)
+    module = make(nn.Linear(128, 208))
+    monkeypatch.setattr(quant_linear, "_CHUNK_ELEMENTS", 128 * 48)  # 208 rows -> pieces of 48 x 4 and 16
+    x = torch.randn(40, 128)
+    w = torch.empty(208, 128, dtype=torch.bfloat16)
+    torch.ops.optpass.dequant_bf16_(w, module.qweight, module.scale, getattr(module, "zero", None),
+                                    getattr(module, "group_size", 0))
+    assert torch.equal(w, module.dequantized_weight().to(torch.bfloat16))
+    got = quant_linear._workspace_gemm(x, module.qweight, module.scale, getattr(module, "zero", None),
+                                       getattr(module, "group_size", 0), 208, 128).float()
+    ref = quant_linear._dequantized_gemm(x, module.dequantized_weight(), torch.bfloat16).float()
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64])

@@ -1,7 +1,7 @@
 """Train (or load from the cache) the class-conditional digit DiT and save a PNG grid of its samples.
 
-    python examples/train_digit_dit.py            # trains once (a few minutes on CPU), then loads the cache
-    python examples/train_digit_dit.py --retrain  # train again from scratch (deterministic seed)
+    python examples/train_digit_dit.py            # loads the checkpoint that ships in optpass/weights/
+    python examples/train_digit_dit.py --retrain  # train from scratch (~5 min on CPU, deterministic seed)
 
 The model is a diffusers `DiTTransformer2DModel` (6 blocks, 4 heads x 16, patch 4) trained with the epsilon
 objective on scikit-learn's 1,797 8x8 digits upsampled to 16x16; `optimize("tiny-dit", ...)` loads the same one.

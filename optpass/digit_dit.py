@@ -1,8 +1,9 @@
 """A small class-conditional diffusers DiT trained on scikit-learn's 8x8 digits (upsampled to 16x16).
 
 Random weights show none of the step-to-step redundancy that DiT caching exploits, and no pretrained DiT
-can be fetched here, so this module trains one offline (deterministic seed, ~2-3 minutes on 2 CPU cores)
-and caches the checkpoint in `optpass.models.cache_dir()`. The deterministic DDIM loop that calibration,
+can be fetched here, so this module trains one offline (deterministic seed, ~5 minutes on one CPU core)
+and caches the checkpoint in `optpass.models.cache_dir()`. The default recipe's result ships with optpass
+(`optpass/weights/`, 2.3 MB, made by `examples/train_digit_dit.py --retrain`), so first use does not train. The deterministic DDIM loop that calibration,
 tests and benchmarks share is `optpass.sampling.ddim_sample` (same cosine noise schedule as training).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from torch import nn
 from optpass.sampling import make_scheduler
 
 _CACHE_FORMAT = "v1"
+_SHIPPED = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -95,13 +98,23 @@ def train_digit_dit(recipe: DigitDitRecipe = DigitDitRecipe(), log_every: int = 
     return model.eval()
 
 
+def shipped_checkpoint(recipe: DigitDitRecipe) -> Path | None:
+    """The checkpoint packaged with optpass for this recipe, if there is one (the default recipe's)."""
+    path = _SHIPPED / f"digit-dit-{recipe.tag()}"
+    return path if (path / "config.json").exists() else None
+
+
 def load_digit_dit(recipe: DigitDitRecipe = DigitDitRecipe(), retrain: bool = False) -> nn.Module:
-    """The trained digit DiT, training and caching it on first use (atomic write: a partial cache is never read)."""
+    """The trained digit DiT: the packaged checkpoint if the recipe has one, else trained and cached on first
+    use (atomic write: a partial cache is never read). `retrain` always trains and writes the cache."""
     from diffusers import DiTTransformer2DModel
 
     from optpass.models import cache_dir
     from optpass.progress import status
 
+    shipped = shipped_checkpoint(recipe)
+    if shipped is not None and not retrain:
+        return DiTTransformer2DModel.from_pretrained(str(shipped)).eval()
     out = cache_dir() / f"digit-dit-{recipe.tag()}"
     if retrain or not (out / "config.json").exists():
         threads = torch.get_num_threads()

@@ -31,6 +31,19 @@ def top1_agreement(ref: torch.Tensor, new: torch.Tensor) -> float:
     return float((ref.argmax(-1) == new.argmax(-1)).float().mean())
 
 
+@torch.no_grad()
+def stepwise_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [S, V] of a batch-1 causal LM fed `ids` [1, S] one token at a time through its KV cache: the
+    numerics greedy generation sees. A quantized model's kernels depend on the row count (a decode step and a
+    prefill take different paths), so agreement with generation is measured this way, not on a prefill."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    steps = [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+             for t in range(ids.shape[1])]
+    return torch.stack(steps).float()
+
+
 def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """exp(mean next-token cross-entropy) of `logits` [B, S, V] on `ids` [B, S]."""
     loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="mean")

@@ -22,6 +22,7 @@ from optpass.backends.onnx.optimize import optimize_onnx
 from optpass.backends.onnx.runtime import OrtCausalLM
 from optpass.errors import UnknownPassError, UnsupportedModelError
 from optpass.passes.quantize import QuantizeConfig
+from optpass.quality import stepwise_logits, top1_agreement
 
 
 @contextlib.contextmanager
@@ -176,12 +177,14 @@ def test_smollm2_int4_export_agrees_with_pytorch(smollm2, tmp_path_factory) -> N
     result = export_onnx(quantized, tmp_path_factory.mktemp("onnx") / "smollm2_int4.onnx")
     assert result.op_counts["com.microsoft::MatMulNBits"] == 30 * 7 + 2  # int8 head: two nibble halves
     lm = OrtCausalLM(result.path, threads=2)
-    agree = []
-    with torch.no_grad(), fp32_activations(quantized):
-        for row in token_windows(tok, 128, 4):
-            ref = quantized(input_ids=row[None]).logits
-            agree.append(float((lm.logits(row[None]).argmax(-1) == ref.argmax(-1)).float().mean()))
+    # top-1 against the PyTorch model as generation runs it (one token per step through the KV cache); a
+    # prefill takes other kernels (bf16 dequantize + GEMM), on which PyTorch agrees with its own decode ~97%
+    agree = [top1_agreement(stepwise_logits(quantized, row[None]), lm.stepwise_logits(row[None]))
+             for row in token_windows(tok, 128, 4)]
     assert np.mean(agree) >= 0.99, agree
+    # and the prefill graph is the same math as its decode steps
+    row = token_windows(tok, 128, 1)[0]
+    assert top1_agreement(lm.logits(row[None])[0], lm.stepwise_logits(row[None])) >= 0.99
     prompt = token_windows(tok, 32, 1, offset_windows=8)
     out = lm.generate(prompt, max_new_tokens=16)
     assert torch.equal(lm.logits(out[:, :-1])[0, 31:].argmax(-1), out[0, 32:])

@@ -105,16 +105,18 @@ def _workspace_gemm(x2d: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zer
                     group_size: int, out_features: int, in_features: int) -> torch.Tensor:
     """bf16 GEMM on weights dequantized piecewise into one reused workspace (`optpass::dequant_bf16_`): no
     weight-sized temporaries, whose fresh pages made the eager dequantize cost ~3x the GEMM it fed.
-    Computes y^T piece by piece (contiguous output rows), returns y [M, N] as a transposed view."""
-    x_t = x2d.to(torch.bfloat16).t()
-    y_t = torch.empty(out_features, x2d.shape[0], dtype=torch.bfloat16)
+    The output is a contiguous y [M, N] (a transposed result slows every op downstream)."""
+    x = x2d.to(torch.bfloat16)
     step = max(1, _CHUNK_ELEMENTS // in_features)
+    y = torch.empty(x.shape[0], out_features, dtype=torch.bfloat16) if step < out_features else None
     for a in range(0, out_features, step):
         b = min(out_features, a + step)
         w = _workspace((b - a) * in_features).view(b - a, in_features)
         torch.ops.optpass.dequant_bf16_(w, q[a:b], scale[a:b], None if zero is None else zero[a:b], group_size)
-        torch.mm(w, x_t, out=y_t[a:b])
-    return y_t.t()
+        if y is None:
+            return torch.nn.functional.linear(x, w)
+        y[:, a:b] = torch.nn.functional.linear(x, w)
+    return y
 
 
 class Int8Linear(QuantizedLinear):

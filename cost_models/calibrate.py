@@ -5,8 +5,9 @@ Measures (median of several repetitions, with the spread; a measurement whose sp
 - linear layers per weight scheme (fp32, bf16, int8 / int4 weight-only as optpass's own `Int8Linear` /
   `Int4Linear` run them) at M in {1, 16, 128, 1024} rows, each kernel measured, never scaled from another dtype;
   the per-call overhead (a tiny layer) is separated from the throughput (a stack of layers larger than the cache);
-- causal SDPA FLOP/s vs sequence length; the dispatch floor of a small aten op, of an nn.Module call and of
-  a decode-sized SDPA call.
+- causal SDPA FLOP/s vs sequence length; per-call floors: a typical small eager op (the glue between a
+  block's linears), an nn.Module call and a decode-sized SDPA call;
+- linear regimes twice: on a block-sized layer (576 x 1536) and a vocabulary-sized one (32768 x 768).
 The result is cached as JSON keyed by a fingerprint (torch version, thread count, ISA flags, CPU model), so a
 different torch, thread count or machine never reuses it.
 """
@@ -28,8 +29,12 @@ from torch import nn
 
 from optpass.cost_models.hardware import HardwareSpec, uncalibrated_cpu
 
-FORMAT = 1
+FORMAT = 2
 ROWS = (1, 16, 128, 1024)
+# a vocabulary-sized projection, far above the cache: GEMM rates there differ from a block-sized layer's (fp32
+# at 16 rows runs at half the block layer's FLOP/s here), so layers near this size use its own regimes
+LARGE_SHAPE = (32768, 768)
+LARGE_ROWS = (1, 16, 128)
 SCHEMES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128")
 SPREAD_LIMIT = 0.25  # (max - min) / median above which a measurement is re-taken
 _ISA = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
@@ -134,6 +139,10 @@ def _linear(scheme: str, cache_bytes: float, shape: tuple[int, int], rows_list: 
         out["spread"][rows] = r["spread"]
         if rows == 1:
             out["bw"] = wbytes / net
+    out["numel"] = n * k
+    if not quick:
+        big = _linear(scheme, cache_bytes, LARGE_SHAPE, LARGE_ROWS, reps, quick=True)
+        out["large"] = {key: big[key] for key in ("rates", "spread", "bw", "numel")}
     return out
 
 
@@ -154,7 +163,24 @@ def _floors(reps: int) -> dict[str, dict[str, float]]:
     mod = _time(lambda: ident(x), reps, inner=500)
     q, kv = torch.randn(1, 9, 1, 64), torch.randn(1, 9, 64, 64)
     sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, kv, kv), reps, inner=50)
-    return {"op": op, "module": {**mod, "median": max(mod["median"], 0.0)}, "sdpa": sdpa}
+    h, w = torch.randn(1, 1, 576), torch.randn(576)
+    glue = _time(lambda: _glue_chain(h, w), reps, inner=100)
+    glue = {**glue, "median": glue["median"] / _GLUE_OPS}
+    return {"op": op, "module": {**mod, "median": max(mod["median"], 0.0)}, "sdpa": sdpa, "glue": glue}
+
+
+_GLUE_OPS = 15
+
+
+def _glue_chain(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The glue between a transformer block's linears at decode size, 15 eager ops: an RMS norm (pow, mean,
+    add, rsqrt, mul, mul), a head split (view, transpose), a rotary half-swap (slice, slice, neg, cat) and a
+    blend (mul, mul, add). Its per-op time is the dispatch floor a captured graph's glue ops pay; one
+    `torch.add` on 8 floats (the "op" floor) is the cheapest op, not a typical one."""
+    y = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+    q = y.view(1, 1, 9, 64).transpose(1, 2)
+    r = torch.cat((-q[..., 32:], q[..., :32]), dim=-1)
+    return q * 0.5 + r * 0.5
 
 
 def calibrate(quick: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -186,7 +212,10 @@ def calibrate(quick: bool = False, progress: bool = True) -> dict[str, Any]:
 def spec_from_record(record: dict[str, Any]) -> HardwareSpec:
     """A calibrated `HardwareSpec` from a calibration record (the measured figures replace the estimates)."""
     base = uncalibrated_cpu()
-    linear = {s: {"overhead": v["overhead"], "bw": v["bw"], "rates": {int(m): r for m, r in v["rates"].items()}}
+    def regime(v: dict[str, Any]) -> dict[str, Any]:
+        return {"bw": v["bw"], "rates": {int(m): r for m, r in v["rates"].items()}, "numel": v.get("numel")}
+
+    linear = {s: {"overhead": v["overhead"], **regime(v), **({"large": regime(v["large"])} if "large" in v else {})}
               for s, v in record["linear"].items()}
     peaks = dict(base.peak_flops)
     for scheme, key in (("fp32", "fp32"), ("bf16", "bf16"), ("int8", "int8_wo"), ("int4_g32", "int4_wo")):
@@ -202,13 +231,14 @@ def spec_from_record(record: dict[str, Any]) -> HardwareSpec:
     # the band: half the median measurement range (noise), or the accuracy benchmark's measured error of
     # predicted speedups when one was recorded for this calibration (`record_validation`), whichever is larger
     band = min(max(0.05, statistics.median(spreads) / 2, record.get("validated_error", 0.0)), 0.25)
+    floor = record["floors"]["glue"]["median"]
     fp = record["fingerprint"]
     note = (f"calibrated {'(quick) ' if record.get('quick') else ''}for torch {fp['torch']}, {fp['threads']} threads, "
             f"{fp['capability']}; triad {bw / 1e9:.1f} GB/s; median spread {statistics.median(spreads):.0%}")
     return dataclasses.replace(
         base, name="cpu", peak_flops=peaks, mem_bandwidth=bw, efficiency=eff, calibrated=True,
-        launch_floor=record["floors"]["op"]["median"], module_floor=record["floors"]["module"]["median"],
-        attention_floor=max(record["floors"].get("sdpa", {}).get("median", 0.0) - record["floors"]["op"]["median"], 0.0),
+        launch_floor=floor, module_floor=record["floors"]["module"]["median"],
+        attention_floor=max(record["floors"]["sdpa"]["median"] - floor, 0.0),
         linear=linear, attention_rates=attention, error_band=band,
         source={**base.source, "calibration": note, "mem_bandwidth": "fused triad, calibrated",
                 "peak_flops": "best measured GEMM rate per dtype / kernel (calibrated)"})

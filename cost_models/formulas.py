@@ -58,12 +58,17 @@ def _compute_seconds(rates: dict[int, float], n: int, k: int, rows: Expr) -> Exp
     return sp.Piecewise(*pieces, (2 * rows * n * k / rates[ms[-1]], True))
 
 
-def _calibrated(spec: HardwareSpec, key: str) -> dict | None:
-    if key in spec.linear:
-        return spec.linear[key]
-    if key.startswith("int4"):  # a quick calibration measures one group size: same kernel, other scale bytes
-        return next((v for k, v in spec.linear.items() if k.startswith("int4")), None)
-    return None
+def _calibrated(spec: HardwareSpec, key: str, n: int, k: int) -> dict | None:
+    """The measured regimes for `key` at an [n, k] weight: the block-sized layer's, or the vocabulary-sized
+    one's when the weight is nearer that size (geometric midpoint of the two measured sizes)."""
+    cal = spec.linear.get(key)
+    if cal is None and key.startswith("int4"):  # a quick calibration measures one group size: same kernel
+        cal = next((v for name, v in spec.linear.items() if name.startswith("int4")), None)
+    if cal is None or "large" not in cal or not cal.get("numel"):
+        return cal
+    if n * k >= math.sqrt(cal["numel"] * cal["large"]["numel"]):
+        return {**cal, **cal["large"]}
+    return cal
 
 
 def matmul_flops(n: int, k: int, rows: Expr) -> Expr:
@@ -74,7 +79,7 @@ def linear_time(spec: HardwareSpec, scheme: str, n: int, k: int, rows: Expr = B 
     """One linear layer y[rows, n] = x[rows, k] @ W[n, k].T with W stored as `scheme` (a `scheme_key`)."""
     flops, wbytes = matmul_flops(n, k, rows), weight_bytes_value(scheme, n, k)
     act_bytes = 4 * rows * (n + k)
-    cal = _calibrated(spec, scheme)
+    cal = _calibrated(spec, scheme, n, k)
     if cal is not None:
         compute = _compute_seconds(cal["rates"], n, k, rows)
         return cal["overhead"] + sp.Max(compute, (wbytes + act_bytes) / cal["bw"], evaluate=False)
@@ -98,7 +103,7 @@ def op_parts(spec: HardwareSpec, kind: str, **shape: float) -> dict[str, float]:
     if kind == "linear":
         scheme, n, k, rows = shape["scheme"], int(shape["n"]), int(shape["k"]), int(shape["rows"])
         flops, bytes_moved = 2.0 * rows * n * k, weight_bytes_value(scheme, n, k) + 4.0 * rows * (n + k)
-        cal = _calibrated(spec, scheme)
+        cal = _calibrated(spec, scheme, n, k)
         if cal is not None:
             # which bound: FLOPs at the kernel's best measured rate vs bytes at its streaming bandwidth
             return {"compute": flops / max(cal["rates"].values()), "memory": bytes_moved / cal["bw"],

@@ -205,3 +205,17 @@ def test_explain_smollm2_cpu_and_h100_plans_differ(smollm2, smollm2_graph):
     assert plans["cpu"].plan != plans["h100"].plan
     for out in plans.values():
         assert all(c["reason"] for c in out.candidates)
+
+
+def test_vocabulary_sized_weights_use_their_own_measured_regime():
+    """A full calibration also measures a vocabulary-sized layer; weights nearer that size are priced with its
+    rates (the block-sized layer's FLOP/s does not transfer to a 49152 x 576 head), smaller ones are not."""
+    import dataclasses
+
+    small = {"rates": {1: 1e9, 16: 1e10}, "bw": 2e10, "numel": 1_000_000}
+    large = {"rates": {1: 1e9, 16: 2.5e9}, "bw": 1e10, "numel": 25_000_000}
+    spec = dataclasses.replace(get_spec("cpu"), linear={"fp32": {"overhead": 0.0, **small, "large": large}})
+    def seconds(n: int, k: int) -> float:
+        return F.evaluate(F.linear_time(spec, "fp32", n, k, sp.Integer(16)))
+    assert seconds(1000, 1000) == pytest.approx(2 * 16 * 1e6 / 1e10)  # block-sized: compute-bound at 1e10
+    assert seconds(5000, 5000) == pytest.approx(2 * 16 * 25e6 / 2.5e9)  # vocabulary-sized: its own 2.5e9

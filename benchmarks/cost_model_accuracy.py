@@ -5,7 +5,7 @@ prefill (16 / 128 / 1024 tokens), all variants interleaved in one process (media
 Spearman rho between predicted and measured latency change, MdAPE of predicted latency, sign accuracy where the
 measured effect exceeds 10%, top-1 of the chosen plan, and the auto plan's measured slowdowns.
 
-    python benchmarks/cost_model_accuracy.py            # full: ~1 min calibration (if none cached) + ~6 min
+    python benchmarks/cost_model_accuracy.py            # full: ~1 min calibration (if none cached) + ~14 min
     python benchmarks/cost_model_accuracy.py --quick    # harness check: 3 rewrites, 3 shapes, 2 rounds
 """
 
@@ -33,7 +33,7 @@ from optpass.pass_base import ApplyContext  # noqa: E402
 from optpass.passes.quantize import QuantizeConfig, QuantizePass  # noqa: E402
 
 CONTEXT = 64
-REPEATS = {"decode_ms": 4, "prefill16_ms": 2}  # calls per timed sample (mean) for the short shapes
+REPEATS = {"decode_ms": 4, "prefill16_ms": 3, "prefill128_ms": 2}  # calls per timed sample (mean) below 1k tokens
 REWRITES = {  # label -> (config, candidate label)
     "blocks int8": (QuantizeConfig(weights="int8", lm_head="keep"), "blocks int8"),
     "blocks int4 g32": (QuantizeConfig(weights="int4", group_size=32, lm_head="keep"), "blocks int4 g32"),
@@ -128,12 +128,12 @@ def statistics_of(points: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 rewrites, decode + prefill 16/128, 2 rounds")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, quick 2)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 11, quick 2)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds = args.rounds or (2 if args.quick else 7)
+    rounds = args.rounds or (2 if args.quick else 11)
     record = cal.load()
     if record is None or (record.get("quick") and not args.quick):
         record = cal.calibrate(quick=args.quick)

@@ -67,7 +67,10 @@ def _calibrated(spec: HardwareSpec, key: str, n: int, k: int) -> dict | None:
     if cal is None or "large" not in cal or not cal.get("numel"):
         return cal
     if n * k >= math.sqrt(cal["numel"] * cal["large"]["numel"]):
-        return {**cal, **cal["large"]}
+        large = cal["large"]
+        # above its measured row counts a GEMM is compute-bound: the block-sized layer's rates carry over
+        rates = {m: r for m, r in cal["rates"].items() if m > max(large["rates"])} | large["rates"]
+        return {**cal, **large, "rates": rates}
     return cal
 
 

@@ -1,7 +1,8 @@
 """Benchmark harness: baseline and optpass variants in one process, interleaved rounds, medians.
 
 A scenario is a list of `Variant`s. Each variant builds its state once (`setup`), then every round
-runs every variant's `measure` in turn (so machine drift hits all alike); `quality` runs once.
+runs every variant's `measure` in turn, starting one variant later each round (so machine drift and
+neighbour effects hit all alike); `quality` runs once.
 Results go to `benchmarks/results/<scenario>.json` and `.md` with the machine and the command.
 """
 
@@ -62,7 +63,9 @@ def run_scenario(name: str, variants: list[Variant], rounds: int = 5, warmup: in
         print(f"[bench] setup {v.name}: {'ok' if not v.error else v.error} ({time.perf_counter() - t0:.1f}s)",
               file=sys.stderr, flush=True)
     for r in range(rounds):
-        for v in live:
+        # the starting variant rotates each round: no variant always runs right after the same neighbour (whose
+        # allocations and cache footprint it would inherit every time)
+        for v in live[r % len(live):] + live[:r % len(live)] if live else []:
             for key, value in v.measure(v.state).items():
                 v.samples.setdefault(key, []).append(value)
         print(f"[bench] round {r + 1}/{rounds} done", file=sys.stderr, flush=True)

@@ -121,28 +121,32 @@ def _stack_time(scheme: str, n: int, k: int, rows: int, layers: int, reps: int) 
     return {**r, "median": r["median"] / layers}
 
 
-def _linear(scheme: str, cache_bytes: float, shape: tuple[int, int], rows_list: tuple[int, ...], reps: int,
-            quick: bool) -> dict[str, Any]:
-    """Per-call overhead (tiny layer, M=1) and FLOP/s per row regime on a cold `shape` stack."""
+def _regimes(scheme: str, cache_bytes: float, shape: tuple[int, int], rows_list: tuple[int, ...], reps: int,
+             max_layers: int, overhead: float) -> dict[str, Any]:
+    """FLOP/s per row regime (and the M=1 streaming bandwidth) of a cold `shape` stack, net of `overhead`."""
     from optpass.cost_models.formulas import weight_bytes_value
 
     n, k = shape
-    overhead = _stack_time(scheme, 64, 128, 1, 8, reps)  # a layer small enough to be all overhead
     wbytes = weight_bytes_value(scheme, n, k)
-    out: dict[str, Any] = {"overhead": overhead["median"], "rates": {}, "spread": {}}
+    out: dict[str, Any] = {"rates": {}, "spread": {}, "numel": n * k}
     for rows in rows_list:
         cold = math.ceil(3 * cache_bytes / wbytes) if rows <= 16 else 2
-        layers = max(2, min(cold, 8 if quick else 400))
-        r = _stack_time(scheme, n, k, rows, layers, reps)
-        net = max(r["median"] - overhead["median"], 0.1 * r["median"])  # overhead is itself a noisy estimate
+        r = _stack_time(scheme, n, k, rows, max(2, min(cold, max_layers)), reps)
+        net = max(r["median"] - overhead, 0.1 * r["median"])  # overhead is itself a noisy estimate
         out["rates"][rows] = 2.0 * rows * n * k / net
         out["spread"][rows] = r["spread"]
         if rows == 1:
             out["bw"] = wbytes / net
-    out["numel"] = n * k
+    return out
+
+
+def _linear(scheme: str, cache_bytes: float, shape: tuple[int, int], rows_list: tuple[int, ...], reps: int,
+            quick: bool) -> dict[str, Any]:
+    """Per-call overhead (tiny layer, M=1), then the regimes of `shape` and (full calibrations) of LARGE_SHAPE."""
+    overhead = _stack_time(scheme, 64, 128, 1, 8, reps)["median"]  # a layer small enough to be all overhead
+    out = {"overhead": overhead, **_regimes(scheme, cache_bytes, shape, rows_list, reps, 8 if quick else 400, overhead)}
     if not quick:
-        big = _linear(scheme, cache_bytes, LARGE_SHAPE, LARGE_ROWS, reps, quick=True)
-        out["large"] = {key: big[key] for key in ("rates", "spread", "bw", "numel")}
+        out["large"] = _regimes(scheme, cache_bytes, LARGE_SHAPE, LARGE_ROWS, reps, 8, overhead)
     return out
 
 

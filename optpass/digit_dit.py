@@ -3,8 +3,9 @@
 Random weights show none of the step-to-step redundancy that DiT caching exploits, and no pretrained DiT
 can be fetched here, so this module trains one offline (deterministic seed, ~5 minutes on one CPU core)
 and caches the checkpoint in `optpass.models.cache_dir()`. The default recipe's result ships with optpass
-(`optpass/weights/`, 2.3 MB, made by `examples/train_digit_dit.py --retrain`), so first use does not train. The deterministic DDIM loop that calibration,
-tests and benchmarks share is `optpass.sampling.ddim_sample` (same cosine noise schedule as training).
+(`optpass/weights/`, 2.3 MB, made by `examples/train_digit_dit.py --retrain`), so first use does not train.
+The deterministic DDIM loop that calibration, tests and benchmarks share is `optpass.sampling.ddim_sample` (same
+cosine noise schedule as training).
 """
 
 from __future__ import annotations

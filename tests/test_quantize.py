@@ -77,12 +77,11 @@ def test_workspace_dequant_gemm_matches_plain_ops(monkeypatch, make):
     module = make(nn.Linear(128, 208))
     monkeypatch.setattr(quant_linear, "_CHUNK_ELEMENTS", 128 * 48)  # 208 rows -> pieces of 48 x 4 and 16
     x = torch.randn(40, 128)
+    zero, group = module.workspace_args()
     w = torch.empty(208, 128, dtype=torch.bfloat16)
-    torch.ops.optpass.dequant_bf16_(w, module.qweight, module.scale, getattr(module, "zero", None),
-                                    getattr(module, "group_size", 0))
+    torch.ops.optpass.dequant_bf16_(w, module.qweight, module.scale, zero, group)
     assert torch.equal(w, module.dequantized_weight().to(torch.bfloat16))
-    got = quant_linear._workspace_gemm(x, module.qweight, module.scale, getattr(module, "zero", None),
-                                       getattr(module, "group_size", 0), 208, 128).float()
+    got = quant_linear._workspace_gemm(x, module.qweight, module.scale, zero, group, 208, 128).float()
     ref = quant_linear._dequantized_gemm(x, module.dequantized_weight(), torch.bfloat16).float()
     torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
 

@@ -64,6 +64,18 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def workspace_args(self) -> tuple[torch.Tensor | None, int]:
+        """(zero points or None, group size or 0): what `optpass::dequant_bf16_` needs besides qweight / scale."""
+        raise NotImplementedError
+
+    def _dequantized_matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Compute-bound rows: the weight dequantized to `act_dtype`, then a GEMM (into the reused workspace
+        when the C++ kernel can take it)."""
+        if _fused_dequant_ok(self.act_dtype):
+            zero, group = self.workspace_args()
+            return _workspace_gemm(x2d, self.qweight, self.scale, zero, group, self.out_features, self.in_features)
+        return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
+
     decode_tensors: tuple[str, ...] = ()
 
     def decode_bytes(self) -> int:
@@ -95,7 +107,7 @@ def _workspace(numel: int) -> torch.Tensor:
     return _scratch[0][:numel]
 
 
-def _fused_dequant_ok(x2d: torch.Tensor, act_dtype: torch.dtype) -> bool:
+def _fused_dequant_ok(act_dtype: torch.dtype) -> bool:
     """The C++ dequantize-into-workspace path: eager CPU calls with bf16 activations and the kernels built
     (traced graphs keep the plain ops, which Inductor fuses and plans buffers for itself)."""
     return act_dtype == torch.bfloat16 and gemv_ops.available() and not torch.compiler.is_compiling()
@@ -157,9 +169,7 @@ class Int8Linear(QuantizedLinear):
         if self.w8a8_min_rows is not None and rows >= self.w8a8_min_rows:
             return self._w8a8(x2d)
         if _use_dequant(rows, self.dequant_min_rows, self.act_dtype):
-            if _fused_dequant_ok(x2d, self.act_dtype):
-                return _workspace_gemm(x2d, self.qweight, self.scale, None, 0, self.out_features, self.in_features)
-            return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
+            return self._dequantized_matmul(x2d)
         return aten._weight_int8pack_mm(x2d.to(self.act_dtype), self.qweight, self.kernel_scale)
 
     def _w8a8(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -171,6 +181,9 @@ class Int8Linear(QuantizedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scale)
+
+    def workspace_args(self) -> tuple[torch.Tensor | None, int]:
+        return None, 0
 
 
 class Int4Linear(QuantizedLinear):
@@ -205,15 +218,15 @@ class Int4Linear(QuantizedLinear):
             return torch.ops.optpass.int4_weight_only_linear(
                 x2d.to(self.act_dtype), self.qweight, self.scale, self.zero, self.group_size, None)
         if _use_dequant(x2d.shape[0], self.dequant_min_rows, self.act_dtype):
-            if _fused_dequant_ok(x2d, self.act_dtype):
-                return _workspace_gemm(x2d, self.qweight, self.scale, self.zero, self.group_size, self.out_features,
-                                       self.in_features)
-            return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
+            return self._dequantized_matmul(x2d)
         return aten._weight_int4pack_mm_for_cpu(x2d.to(self.act_dtype), self.kernel_weight, self.group_size,
                                                 self.kernel_scales_zeros)
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int4(unpack_int4(self.qweight), self.scale, self.zero, self.group_size)
+
+    def workspace_args(self) -> tuple[torch.Tensor | None, int]:
+        return self.zero, self.group_size
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"

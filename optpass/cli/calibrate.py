@@ -17,8 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def summary(record: dict) -> str:
     """A few lines: bandwidth, floors, per-scheme linear figures, each with its spread."""
     lines = [f"triad bandwidth {record['triad']['bytes_per_s'] / 1e9:.1f} GB/s (spread {record['triad']['spread']:.0%})",
-             f"dispatch floor {record['floors']['op']['median'] * 1e6:.1f} us/op, "
-             f"module call {record['floors']['module']['median'] * 1e6:.1f} us",
+             f"dispatch floor {record['floors']['glue']['median'] * 1e6:.1f} us/op (glue chain; cheapest op "
+             f"{record['floors']['op']['median'] * 1e6:.1f} us), module call {record['floors']['module']['median'] * 1e6:.1f} us, "
+             f"decode SDPA {record['floors']['sdpa']['median'] * 1e6:.1f} us",
              "linear " + "x".join(map(str, record["shape"])) + ": scheme | overhead us | weight GB/s | GFLOP/s at M="
              + ",".join(str(m) for m in next(iter(record["linear"].values()))["rates"])]
     for scheme, v in record["linear"].items():

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optpass.hf_compat import with_cache
 
 MIN_BUCKET = 256
 KV_CONTEXT_BUCKET = 256  # compressed caches: budgets follow the prompt length rounded up to this
@@ -62,22 +63,25 @@ class StaticDecoder:
 
     def _step(self, token: torch.Tensor, position: torch.Tensor, banned: torch.Tensor, cache: Any) -> torch.Tensor:
         """One greedy step; `banned` [V] masks tokens out of the argmax (EOS before `min_new_tokens`)."""
-        out = self.model(input_ids=token, past_key_values=cache, cache_position=position, position_ids=position.view(1, -1),
-                         use_cache=True)
+        out = self.model(input_ids=token, **with_cache(self.model, cache), cache_position=position,
+                         position_ids=position.view(1, -1), use_cache=True)
         return out.logits[:, -1].masked_fill(banned, float("-inf")).argmax(-1, keepdim=True)
 
     def _new_cache(self, batch: int, prompt: int, needed: int) -> tuple[tuple, Any]:
         """(bucket key, a fresh cache) for a call: a StaticCache of the length bucket, or a compressed cache
         whose fixed budget follows the prompt's length bucket (so a few budgets cover every prompt)."""
+        from optpass.backends.kv.cache import CompressedKVCache, has_sliding_layers, static_cache
+
+        config = self.model.config
+        if self.kv_settings is not None or has_sliding_layers(config):
+            from optpass.backends.kv import enable_compressed_attention
+
+            enable_compressed_attention(self.model)  # optpass's cache layers attend through optpass
         if self.kv_settings is not None:
-            from optpass.backends.kv import CompressedKVCache
-
             context = -(-prompt // KV_CONTEXT_BUCKET) * KV_CONTEXT_BUCKET
-            return (batch, "kv", context), lambda: CompressedKVCache(self.kv_settings, self.model.config.num_hidden_layers, context)
-        from transformers import StaticCache
-
+            return (batch, "kv", context), lambda: CompressedKVCache(self.kv_settings, config, context)
         length = cache_bucket(needed, self.max_cache_len)
-        return (batch, length), lambda: StaticCache(config=self.model.config, max_cache_len=length)
+        return (batch, length), lambda: static_cache(config, length)
 
     def _select(self, batch: int, prompt: int, needed: int) -> Any:
         """Make the cache of this (batch, bucket) current and return its step function."""
@@ -111,7 +115,7 @@ class StaticDecoder:
         no_ban = torch.zeros(vocab, dtype=torch.bool)
         eos_ban = no_ban.clone().index_fill_(0, eos, True) if eos.numel() else no_ban
         started = time.perf_counter()
-        logits = self.model(input_ids=input_ids, past_key_values=self.cache, cache_position=torch.arange(prompt),
+        logits = self.model(input_ids=input_ids, **with_cache(self.model, self.cache), cache_position=torch.arange(prompt),
                             use_cache=True).logits[:, -1]
         prefilled = time.perf_counter()
         token = logits.masked_fill(eos_ban if min_new_tokens > 0 else no_ban, float("-inf")).argmax(-1, keepdim=True)

@@ -73,7 +73,7 @@ def _mark_constants(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
-        if isinstance(value, nn.Parameter) or (isinstance(value, torch.Tensor) and "_parameters_" in node.name):
+        if isinstance(value, nn.Parameter):
             node.meta[VALUE_META] = value
 
 

@@ -31,8 +31,9 @@ def _op_name(node: fx.Node) -> str:
 
 
 def normalize_path(path: str) -> str:
-    """Turn dynamo's `L['self'].model.layers[0]` / export's `model.layers.0` into `model.layers.0`."""
-    path = re.sub(r"^L\['self'\]\.?|^L__self__\.?", "", path)
+    """Turn dynamo's `L['self'].model.layers[0]` or `L['args'][0].model.layers.0` (the root module's source
+    expression, whatever dynamo names it) and export's `model.layers.0` into `model.layers.0`."""
+    path = re.sub(r"^L(\[[^\]]*\])+\.?|^L__self__\.?", "", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)

@@ -18,6 +18,7 @@ from torch import nn
 
 from optpass.adapters import Batch, ModelAdapter
 from optpass.errors import ConfigError
+from optpass.hf_compat import with_cache
 
 
 def logits_kl(ref: torch.Tensor, new: torch.Tensor) -> float:
@@ -39,7 +40,7 @@ def stepwise_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    steps = [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+    steps = [model(input_ids=ids[:, t:t + 1], **with_cache(model, cache), use_cache=True).logits[0, -1]
              for t in range(ids.shape[1])]
     return torch.stack(steps).float()
 

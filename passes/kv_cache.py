@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from optpass.backends.kv import CompressedKVCache, KVSettings, enable_compressed_attention
-from optpass.backends.kv.attention import attention_modules, is_supported
+from optpass.backends.kv.attention import support_reason
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.kv_cache import kv_estimate
 from optpass.errors import ConfigError
+from optpass.hf_compat import FULL, cache_kwarg, layer_kinds, with_cache
 from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig, PassResult
 from optpass.backends.kv.policies import POLICIES
 from optpass.backends.kv.policies.budgets import SCHEDULES, attention_density, schedule_weights
@@ -65,14 +66,13 @@ def continuation_quality(model: nn.Module, settings: KVSettings, windows: torch.
                          continuation: int = EVAL_CONTINUATION) -> dict[str, float]:
     """KL / top-1 / perplexity change of the last `continuation` tokens of each window when the earlier tokens
     went through the compressed cache, vs the full cache (one exact forward)."""
-    layers = model.config.num_hidden_layers
     prefix = windows.shape[1] - continuation
     kls, top1s, ppl_ref, ppl_new = [], [], [], []
     for ids in windows.split(1):
         ref = model(input_ids=ids, use_cache=False).logits[:, prefix - 1:-1].float()
-        cache = CompressedKVCache(settings, layers)
-        first = model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True).logits[:, -1:]
-        rest = model(input_ids=ids[:, prefix:-1], past_key_values=cache, use_cache=True).logits
+        cache = CompressedKVCache(settings, model.config)
+        first = model(input_ids=ids[:, :prefix], **with_cache(model, cache), use_cache=True).logits[:, -1:]
+        rest = model(input_ids=ids[:, prefix:-1], **with_cache(model, cache), use_cache=True).logits
         new = torch.cat([first, rest], dim=1).float()
         target = ids[:, prefix:]
         kls.append(logits_kl(ref, new))
@@ -102,10 +102,10 @@ def _kv_generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     from optpass.backends.decode import takes_static_path
 
     decoder = getattr(self, "optpass_decoder", None)
-    if kwargs.get("past_key_values") is None:
+    if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
         if decoder is not None and decoder.kv_settings is not None and takes_static_path(decoder, args, kwargs):
             return self._optpass_inner_generate(*args, **kwargs)
-        kwargs["past_key_values"] = CompressedKVCache(self.optpass_kv, self.config.num_hidden_layers)
+        kwargs[cache_kwarg(self)] = CompressedKVCache(self.optpass_kv, self.config)
     return type(self).generate(self, *args, **kwargs)
 
 
@@ -139,17 +139,23 @@ class KVCachePass(Pass):
         return [Candidate(self.name, sites, {"keep": cfg.keep, "context": ctx}, est, label=label, paths=("module",))]
 
     def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
-        reasons = [r for m in attention_modules(model) if (r := is_supported(m))]
-        if reasons or not hasattr(model, "config"):
-            return PassResult(self.name, model, False, reason=reasons[0] if reasons else "model has no HF config")
-        paths = enable_compressed_attention(model)
+        reason = support_reason(model)
+        if reason:
+            return PassResult(self.name, model, False, reason=reason)
+        enable_compressed_attention(model)
+        kinds = layer_kinds(model.config)
+        full = [i for i, k in enumerate(kinds) if k.kind == FULL]
+        if not full:
+            return PassResult(self.name, model, False, reason="every layer is sliding-window: their caches are "
+                              "already bounded, nothing to compress")
+        paths = tuple(chosen[0].sites) if chosen else ()
         cfg = self.config
         weights, densities = None, None
         windows = _eval_windows(model, context.calibration)
         if cfg.schedule == "density":
-            densities = attention_density(model, [w[None] for w in windows])
+            densities = [attention_density(model, [w[None] for w in windows])[i] for i in full]
         if cfg.schedule != "uniform":
-            weights = schedule_weights(cfg.schedule, len(paths), densities)
+            weights = schedule_weights(cfg.schedule, len(full), densities)
         budget = context.guard.budget if context.guard is not None else None
         tried: dict[str, dict[str, float]] = {}
         chosen_keep = None
@@ -167,7 +173,8 @@ class KVCachePass(Pass):
         settings = cfg.settings(chosen_keep, weights)
         install_kv_generate(model, settings)
         details["settings"] = _settings_dict(settings)
-        return PassResult(self.name, model, True, tuple(paths), details=details)
+        details["layers"] = {"compressed (full attention)": len(full), "sliding window (bounded, packed)": len(kinds) - len(full)}
+        return PassResult(self.name, model, True, paths, details=details)
 
     def saved_state(self, model: nn.Module) -> dict[str, Any]:
         return {"settings": _settings_dict(model.optpass_kv)} if hasattr(model, "optpass_kv") else {}

@@ -32,10 +32,10 @@ def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
 @torch.no_grad()
 def _step_logits(model, cache, ids: torch.Tensor, steps: list[int]) -> list[torch.Tensor]:
     """Prefill `ids`, then feed `steps` tokens one by one at their true positions; logits of every call."""
-    out = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+    out = [model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]]
     for i, t in enumerate(steps):
         pos = torch.tensor([[ids.shape[1] + i]])
-        out.append(model(input_ids=torch.tensor([[t]]), past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1])
+        out.append(model(input_ids=torch.tensor([[t]]), cache=cache, position_ids=pos, use_cache=True).logits[:, -1])
     return out
 
 
@@ -92,10 +92,10 @@ def test_kept_keys_keep_their_original_rope_positions(model):
     ids = _ids(60)
     full = DynamicCache()
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=full, use_cache=True)
+        model(input_ids=ids, cache=full, use_cache=True)
     cache = CompressedKVCache(KVSettings(policy="snapkv", keep=24, window=8, bits=None), 2)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, cache=cache, use_cache=True)
     for i, layer in enumerate(cache.layers):
         ref_keys = full.layers[i].keys[0]  # [H, S, D], RoPE applied at each token's position
         stored = layer.store.decode_keys()[0]
@@ -167,7 +167,7 @@ def test_layer_budget_schedules():
 def test_static_decoder_with_compressed_cache_matches_the_hf_path(model):
     ids = _ids(100, seed=3)
     settings = KVSettings(policy="h2o", keep=40, window=8, bits=8)
-    hf = model.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=CompressedKVCache(settings, 2))
+    hf = model.generate(ids, max_new_tokens=20, do_sample=False, cache=CompressedKVCache(settings, 2))
     decoder = StaticDecoder(model, compile=False)
     decoder.kv_settings = settings
     # the decoder's budget follows the 256-token context bucket; a token budget is the same in both
@@ -180,14 +180,14 @@ def test_fixed_budget_decode_step_exports_and_runs(model):
     settings = KVSettings(policy="snapkv", keep=24, window=8, bits=8)
     cache, twin = CompressedKVCache(settings, 2), CompressedKVCache(settings, 2)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
-        model(input_ids=ids, past_key_values=twin, use_cache=True)
+        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, cache=twin, use_cache=True)
         program = torch.export.export(FixedBudgetDecodeStep(model, cache), (torch.tensor([[5]]), torch.tensor([60])))
         step = program.module()
         for i, token in enumerate([5, 9, 77, 3]):
             pos = torch.tensor([60 + i])
             out = step(torch.tensor([[token]]), pos)
-            ref = model(input_ids=torch.tensor([[token]]), past_key_values=twin, position_ids=pos[None], use_cache=True).logits
+            ref = model(input_ids=torch.tensor([[token]]), cache=twin, position_ids=pos[None], use_cache=True).logits
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     shapes = {n: b.shape for n, b in program.named_buffers()}
     assert shapes["kv0_store_keys"] == (1, 2, 16, 16) and shapes["kv0_store_keys"] == cache.layers[0].store.keys.shape

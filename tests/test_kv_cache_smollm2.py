@@ -37,11 +37,11 @@ def test_batch_of_four_left_padded_prompts_equals_per_prompt_runs(model_tok):
     assert len({int(m.sum()) for m in batch.attention_mask}) == 4, "prompts of different lengths"
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id,
-                             past_key_values=CompressedKVCache(settings, layers))
+                             cache=CompressedKVCache(settings, layers))
         for row, prompt in enumerate(PROMPTS):
             ids = tok(prompt, return_tensors="pt").input_ids
             single = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id,
-                                    past_key_values=CompressedKVCache(settings, layers))
+                                    cache=CompressedKVCache(settings, layers))
             assert out[row, batch.input_ids.shape[1]:].tolist() == single[0, ids.shape[1]:].tolist(), prompt
             full = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
             assert single.tolist() == full.tolist(), "int8 KV with room for everything decodes like the full cache"
@@ -54,7 +54,7 @@ def test_passkey_survives_a_quarter_budget_with_int8_kv(model_tok):
     ids, answer = passkey_prompt(tok, 1024, 0.5, 48213)
     cache = CompressedKVCache(KVSettings(policy="snapkv", keep=0.25, bits=8), model.config.num_hidden_layers)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache, pad_token_id=tok.eos_token_id)
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache, pad_token_id=tok.eos_token_id)
     assert answer in tok.decode(out[0, ids.shape[1]:])
     full_bytes = 30 * 2 * 3 * ids.shape[1] * 64 * 4
     assert cache.nbytes() <= 0.15 * full_bytes

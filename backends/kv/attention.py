@@ -1,92 +1,162 @@
-"""Routes attention through a `CompressedKVCache` when one is passed as `past_key_values`.
+"""optpass's attention function, registered with transformers' `AttentionInterface`.
 
-The attention module's class is swapped for a subclass (state dict, deepcopy and `save_pretrained` are
-unchanged) whose `forward` computes q/k/v and RoPE exactly as the model does, then lets the cache layer
-attend: exact attention at prefill, compressed at decode. With any other cache it is the original forward.
-Supported: Llama-style attention (q/k/v/o projections, `apply_rotary_pos_emb` in the model's module:
-Llama, Mistral, Qwen2, SmolLM2, ...).
+The model keeps computing its own projections, norms and RoPE; only the attention call goes through here.
+`optpass|<inner>` wraps the implementation the model used before (`sdpa`, `eager`, ...): layers whose cache is
+not optpass's get exactly that implementation. A cache layer of optpass's (`CompressedLayer`) *claims* the
+attention call that follows its `update()` (every transformers attention calls `cache.update` and then the
+attention function, for the same layer): at prefill the inner implementation attends exactly and the layer
+then scores and compresses the prompt; at decode the layer attends over its own slots (per-head validity,
+optional logit softcap) and accumulates scores.
+
+What it supports, checked before anything is installed (`support_reason`): models that declare
+`_supports_attention_backend`, full and sliding-window layers, logit softcapping. It refuses attention sinks
+(`sinks` parameters), layer kinds it does not know (chunked, linear, shared KV) and encoder-decoders.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from optpass.errors import UnsupportedModelError
+from optpass.hf_compat import FULL, SLIDING, layer_kinds
 
-_SUBCLASSES: dict[type, type] = {}
+PREFIX = "optpass|"
+SUPPORTED_KINDS = (FULL, SLIDING)
+_claims: list[Any] = []  # the optpass cache layer whose update() just ran, waiting for its attention call
+_observers: list[Callable] = []  # called as fn(module, query, key, mask, scaling) on every attention call
 
 
-def _padding_valid(mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
-    """[B, S] key validity from HF's 4D prefill mask (the last query row sees every non-padding key)."""
-    if mask is None or mask.dim() != 4:
+@contextmanager
+def observing(fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, Any, float], None]) -> Iterator[None]:
+    """Let `fn` see every attention call's query and key (after the model's RoPE and norms) while inside."""
+    _observers.append(fn)
+    try:
+        yield
+    finally:
+        _observers.remove(fn)
+
+
+def claim(layer: Any) -> None:
+    """Called by an optpass cache layer's `update()`: the next attention call for its layer is the layer's."""
+    _claims[:] = [layer]
+
+
+def _take_claim(module: nn.Module) -> Any:
+    if not _claims:
+        return None
+    layer = _claims.pop()
+    if layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
+        raise RuntimeError(f"optpass attention: cache layer {layer.layer_idx} was updated but layer "
+                           f"{module.layer_idx} attended; this model's attention order is not supported")
+    return layer
+
+
+def _model_eager(module: nn.Module) -> Callable:
+    """The model's own eager attention function (what transformers calls for `eager`)."""
+    for klass in type(module).__mro__:
+        fn = getattr(sys.modules.get(klass.__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    raise UnsupportedModelError(f"{type(module).__name__}: no eager_attention_forward to wrap")
+
+
+def _inner(name: str, module: nn.Module) -> Callable:
+    from transformers import AttentionInterface
+
+    if name == "eager":
+        return _model_eager(module)
+    return AttentionInterface._global_mapping[name]
+
+
+def _attention_for(inner: str) -> Callable:
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layer = _take_claim(module)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        for observer in _observers:
+            observer(module, query, key, attention_mask, scale)
+
+        def dense() -> tuple[torch.Tensor, torch.Tensor | None]:
+            return _inner(inner, module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                         **kwargs)
+
+        if layer is None:
+            return dense()
+        if kwargs.get("s_aux") is not None:
+            raise UnsupportedModelError("optpass attention: attention sinks (s_aux) are not supported")
+        return layer.attention(query, key, value, attention_mask, scale, kwargs.get("softcap"), dense)
+
+    attention.__name__ = f"optpass_attention_{inner}"
+    return attention
+
+
+def register(inner: str) -> str:
+    """Register `optpass|<inner>` (attention + its mask function) and return the name."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    name = PREFIX + inner
+    if name not in AttentionInterface._global_mapping:
+        if inner != "eager" and inner not in AttentionInterface._global_mapping:
+            raise UnsupportedModelError(f"optpass attention cannot wrap the unknown attention implementation {inner!r}")
+        AttentionInterface.register(name, _attention_for(inner))
+        masks = AttentionMaskInterface._global_mapping
+        if inner in masks:
+            AttentionMaskInterface.register(name, masks[inner])
+    return name
+
+
+def support_reason(model: nn.Module) -> str | None:
+    """None if optpass's cache layers can drive this model's attention, else the reason they cannot."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return f"{type(model).__name__} is not a transformers model (no config / set_attn_implementation)"
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{type(model).__name__} is an encoder-decoder; optpass caches decoder-only self-attention"
+    if not getattr(model, "_supports_attention_backend", False):
+        return (f"{type(model).__name__} does not declare _supports_attention_backend, so its attention cannot be "
+                "routed through transformers' AttentionInterface")
+    unknown = sorted({k.kind for k in layer_kinds(config)} - set(SUPPORTED_KINDS))
+    if unknown:
+        return f"layer kinds {unknown} are not supported (supported: {', '.join(SUPPORTED_KINDS)})"
+    if any(name.endswith("sinks") for name, _ in model.named_parameters()):
+        return "attention sinks (learned `sinks` logits) are not supported"
+    if getattr(config, "_attn_implementation", None) is None:
+        return "the model has no attention implementation set"
+    return None
+
+
+def enable_compressed_attention(model: nn.Module) -> str:
+    """Route `model`'s attention through optpass (a no-op for layers whose cache is not optpass's); returns
+    the implementation name. Raises `UnsupportedModelError` with the reason when the model cannot be driven."""
+    reason = support_reason(model)
+    if reason:
+        raise UnsupportedModelError(f"optpass KV cache: {reason}")
+    current = model.config._attn_implementation
+    if current.startswith(PREFIX):
+        return current
+    name = register(current)
+    model.set_attn_implementation(name)
+    return name
+
+
+def disable_compressed_attention(model: nn.Module) -> None:
+    """Put back the attention implementation `enable_compressed_attention` wrapped."""
+    current = getattr(getattr(model, "config", None), "_attn_implementation", "") or ""
+    if current.startswith(PREFIX):
+        model.set_attn_implementation(current[len(PREFIX):])
+
+
+def padding_valid(mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+    """[B, S] key validity from a 4D prefill mask: the last query row sees every key it may attend to
+    (padding excluded; for a sliding-window layer, only the window)."""
+    if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         return None
     last = mask[:, 0, -1, -seq:]
     return last if last.dtype == torch.bool else last == 0
-
-
-def _compressed_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings: Any = None,
-                        attention_mask: torch.Tensor | None = None, past_key_values: Any = None, **kwargs: Any):
-    from optpass.backends.kv.cache import CompressedKVCache
-
-    if not isinstance(past_key_values, CompressedKVCache):
-        return super(type(self), self).forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
-    b, s, _ = hidden_states.shape
-    shape = (b, s, -1, self.head_dim)
-    q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-    k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-    v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = self._optpass_rope(q, k, cos, sin)
-    layer = past_key_values.layer(self.layer_idx, s)
-    out = layer.attend(q, k, v, _padding_valid(attention_mask, b, s) if s > 1 else None, self.scaling)
-    return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
-
-
-def rope_for(cls: type) -> Any:
-    """The model's own `apply_rotary_pos_emb`, from the module that defines its attention class or the class it
-    derives from (so a swapped class finds its model's), or None."""
-    for klass in cls.__mro__:
-        fn = getattr(sys.modules[klass.__module__], "apply_rotary_pos_emb", None)
-        if fn is not None:
-            return fn
-    return None
-
-
-def _subclass(cls: type) -> type:
-    if cls not in _SUBCLASSES:
-        rope = rope_for(cls)
-        _SUBCLASSES[cls] = type(f"Compressed{cls.__name__}", (cls,), {
-            "forward": _compressed_forward, "_optpass_rope": staticmethod(rope), "__module__": __name__})
-    return _SUBCLASSES[cls]
-
-
-def is_supported(module: nn.Module) -> str | None:
-    """None if `module` is an attention the hook can drive, else the reason it cannot."""
-    missing = [a for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx") if not hasattr(module, a)]
-    if missing:
-        return f"{type(module).__name__} lacks {', '.join(missing)} (not Llama-style attention)"
-    if rope_for(type(module)) is None:
-        return f"{type(module).__module__} has no apply_rotary_pos_emb"
-    return None
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for name, m in model.named_modules() if name.endswith("self_attn")]
-
-
-def enable_compressed_attention(model: nn.Module) -> list[str]:
-    """Swap every Llama-style attention module's class; returns their paths."""
-    paths = []
-    for name, module in model.named_modules():
-        if not name.endswith("self_attn") or type(module) in _SUBCLASSES.values():
-            continue
-        reason = is_supported(module)
-        if reason:
-            raise UnsupportedModelError(f"KV-cache compression: {name}: {reason}")
-        module.__class__ = _subclass(type(module))
-        paths.append(name)
-    return paths

@@ -1,17 +1,26 @@
-"""`CompressedKVCache`: a Hugging Face `Cache` whose layers keep a fixed budget of tokens (policy-scored slots,
-packed int8 / int4, plus a full-precision recent window). Pass it as `past_key_values` to `generate()` or a
-forward; a model needs `enable_compressed_attention` first (the `kv_cache` pass does both)."""
+"""`CompressedKVCache`: a transformers `Cache` whose full-attention layers keep a fixed budget of tokens
+(policy-scored slots, packed int8 / int4, plus a full-precision recent window) and whose sliding-window layers
+keep exactly the model's window (packed the same way). Pass it as the cache of `generate()` or a forward
+(`optpass.hf_compat.with_cache`); a model needs `enable_compressed_attention` first (the `kv_cache` pass
+does both). `ring_cache()` is the uncompressed, compile-safe cache of the static decoder for models with
+sliding-window layers."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from typing import Any
+
+import torch
 from transformers.cache_utils import Cache
 
 from optpass.backends.kv.layer import CompressedLayer
-from optpass.errors import ConfigError
+from optpass.errors import ConfigError, UnsupportedModelError
 from optpass.backends.kv.policies import get_policy
+from optpass.hf_compat import FULL, SLIDING, LayerKind, layer_kinds
+
+SLIDING_WINDOW = 32  # full-precision recent tokens of a sliding layer's ring (the rest are packed slots)
 
 
 @dataclass(frozen=True)
@@ -59,22 +68,44 @@ class KVSettings:
         return window, [max(int(round(base * w)), self.sink + 1) for w in weights]
 
 
+def _kinds(model_config: Any) -> list[LayerKind]:
+    """Layer kinds of a model config, or `n` full-attention layers when given an int (tests, benchmarks)."""
+    if isinstance(model_config, int):
+        return [LayerKind(FULL)] * model_config
+    kinds = layer_kinds(model_config)
+    unknown = sorted({k.kind for k in kinds} - {FULL, SLIDING})
+    if unknown:
+        raise UnsupportedModelError(f"optpass KV cache: layer kinds {unknown} are not supported")
+    return kinds
+
+
+def sliding_layer(window: int, bits: int | None, layer_idx: int) -> CompressedLayer:
+    """A ring holding exactly the model's last `window` tokens: recency scores, no sinks."""
+    recent = min(SLIDING_WINDOW, max(window // 2, 1))
+    return CompressedLayer(window - recent, recent, 0, bits, get_policy("streaming"), None, layer_idx, sliding=True)
+
+
 class CompressedKVCache(Cache):
     """Layers are created at the first forward (when the prompt length fixes ratio budgets), or up front with
-    `context` for a static-shape decode step."""
+    `context` for a static-shape decode step. `model_config` is the model's config (its layer kinds decide
+    which layers are compressed and which keep their sliding window) or a layer count (all full attention)."""
 
-    def __init__(self, settings: KVSettings, num_layers: int, context: int | None = None, record: bool = False) -> None:
+    def __init__(self, settings: KVSettings, model_config: Any, context: int | None = None, record: bool = False) -> None:
         super().__init__(layers=[])
+        from optpass.backends.kv.attention import _claims
+
+        _claims.clear()
         self.settings = settings
-        self.num_layers = num_layers
+        self.kinds = _kinds(model_config)
+        self.num_layers = len(self.kinds)
         self.record = record
         if context is not None:
             self.build(context)
 
     @classmethod
-    def recording(cls, num_layers: int) -> CompressedKVCache:
+    def recording(cls, model_config: Any) -> CompressedKVCache:
         """An exact cache (keeps everything) that also keeps each layer's prompt q/k/v for `replay`."""
-        return cls(KVSettings(keep=1.0, bits=None), num_layers, record=True)
+        return cls(KVSettings(keep=1.0, bits=None), model_config, record=True)
 
     def replay(self, settings: KVSettings) -> CompressedKVCache:
         """A cache with `settings` holding this recorded prompt, as if the prompt had been run through it (prefill
@@ -82,18 +113,30 @@ class CompressedKVCache(Cache):
         prompts = [layer.prompt for layer in self.layers]
         if not prompts or any(p is None for p in prompts):
             raise ValueError("replay needs a prefilled CompressedKVCache.recording() cache")
-        other = CompressedKVCache(settings, self.num_layers, context=prompts[0][1].shape[2])
+        other = CompressedKVCache(settings, 0, context=None)
+        other.kinds, other.num_layers = self.kinds, self.num_layers
+        other.build(prompts[0][1].shape[2])
         for layer, prompt in zip(other.layers, prompts):
             layer.load_prompt(*prompt)
         return other
 
     def build(self, context: int) -> None:
-        window, capacities = self.settings.shapes(self.num_layers, context)
+        """Create the layers for a prompt of `context` tokens: ratio budgets of the full layers follow it."""
+        full = [i for i, k in enumerate(self.kinds) if k.kind == FULL]
         s = self.settings
-        self.layers = [CompressedLayer(c, window, s.sink, s.bits, get_policy(s.policy), s.merge_threshold)
-                       for c in capacities]
+        window, capacities = s.shapes(len(full), context) if full else (0, [])
+        budget = dict(zip(full, capacities))
+        self.layers = [CompressedLayer(budget[i], window, s.sink, s.bits, get_policy(s.policy), s.merge_threshold, i)
+                       if k.kind == FULL else sliding_layer(int(k.window), s.bits, i)
+                       for i, k in enumerate(self.kinds)]
         for layer in self.layers:
             layer.record = self.record
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.layers:
+            self.build(key_states.shape[2])
+        return self.layers[layer_idx].update(key_states, value_states)
 
     def layer(self, idx: int, prompt_len: int) -> CompressedLayer:
         if not self.layers:
@@ -110,3 +153,22 @@ class CompressedKVCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
+
+
+def static_cache(model_config: Any, max_cache_len: int) -> Cache:
+    """An uncompressed cache with static shapes for a compiled decode step: transformers' `StaticCache` when
+    every layer attends fully; otherwise its `StaticLayer` for full layers and an exact ring of the model's
+    window for sliding ones (transformers' static sliding layer branches on a Python counter, which a compiled
+    step that skips guards would freeze). The ring needs `enable_compressed_attention(model)`."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    kinds = _kinds(model_config)
+    if all(k.kind == FULL for k in kinds):
+        return StaticCache(config=model_config, max_cache_len=max_cache_len)
+    return Cache(layers=[StaticLayer(max_cache_len) if k.kind == FULL else sliding_layer(int(k.window), None, i)
+                         for i, k in enumerate(kinds)])
+
+
+def has_sliding_layers(model_config: Any) -> bool:
+    return any(k.kind == SLIDING for k in _kinds(model_config))

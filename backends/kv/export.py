@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from optpass.backends.kv.cache import CompressedKVCache
+from optpass.hf_compat import with_cache
 
 
 class FixedBudgetDecodeStep(nn.Module):
@@ -27,5 +28,5 @@ class FixedBudgetDecodeStep(nn.Module):
     def forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.cache.layers):
             layer.bind({name: getattr(self, f"kv{i}_{name}") for name in self._names[i]})
-        return self.model(input_ids=token, past_key_values=self.cache, cache_position=position,
+        return self.model(input_ids=token, **with_cache(self.model, self.cache), cache_position=position,
                           position_ids=position.view(1, -1), use_cache=True).logits

@@ -1,17 +1,25 @@
 """One attention layer's compressed cache: `capacity` scored slots (packed) + a full-precision window of the
 `window` most recent tokens (KIVI's residual; also the recent tokens every eviction policy protects).
 
-Prefill attends exactly over the whole prompt, then keeps the policy's best `capacity` older tokens
-(sinks always, padding never, ties to the older token). Each decode step is static-shape: the token
-leaving the window moves into the slot of the lowest-scored non-sink token (evicting it, or merging it
-into its nearest neighbour), the new token enters the window, and attention runs over slots + window.
+A transformers cache layer: the model calls `update()` with the new keys and values (after its own
+projections, norms and RoPE), then its attention function, which optpass registers
+(`backends/kv/attention.py`) and which hands the call to `attention()` here. Prefill: the model's own
+attention implementation attends exactly over the prompt, then the layer keeps the policy's best `capacity`
+older tokens (sinks always, padding never, ties to the older token). Each decode step is static-shape: the
+token leaving the window moves into the slot of the lowest-scored non-sink token (evicting it, or merging
+it into its nearest neighbour), the new token enters the window, and attention runs over slots + window.
 Keys are stored after RoPE, so kept tokens keep their original positions.
+
+A sliding-window layer (Gemma-2/3, Mistral) is the same layer with recency scores, no sinks and
+`capacity + window` equal to the model's window: it keeps exactly the tokens the model's mask lets a query
+see, in a static ring that a compiled step can update.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
 from optpass.backends.kv.storage import SlotStore
@@ -25,9 +33,11 @@ class CompressedLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, capacity: int, window: int, sink: int, bits: int | None, policy: KVPolicy,
-                 merge_threshold: float | None = None) -> None:
+                 merge_threshold: float | None = None, layer_idx: int = 0, sliding: bool = False) -> None:
         super().__init__()
         self.capacity, self.window, self.sink, self.bits = capacity, window, sink, bits
+        self.layer_idx = layer_idx
+        self.is_sliding = sliding
         self.policy = policy
         self.merge_threshold = merge_threshold
         self.seen = 0  # tokens processed (python int, eager paths only; the compiled step uses self.t)
@@ -41,11 +51,27 @@ class CompressedLayer(CacheLayerMixin):
         self.allocate(b, h, d, key_states.dtype, key_states.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        raise RuntimeError("CompressedLayer is driven by optpass's attention hook; enable it with "
-                           "optpass.backends.kv.enable_compressed_attention(model)")
+        """Hand the new keys / values through unchanged and claim the attention call that follows: the layer
+        stores them when it attends (it needs the queries to score them)."""
+        from optpass.backends.kv.attention import _claims, claim
+
+        if _claims and not torch.compiler.is_compiling():
+            raise RuntimeError("optpass KV cache: the previous layer's attention did not go through optpass's "
+                               "attention function; call optpass.backends.kv.enable_compressed_attention(model)")
+        if key_states.shape[-1] != value_states.shape[-1]:
+            from optpass.errors import UnsupportedModelError
+
+            raise UnsupportedModelError("optpass KV cache: keys and values of different head sizes are not supported")
+        claim(self)
+        return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """The sizes transformers' 2D padding mask has (prefill masks cover the prompt); decode attention uses
+        the layer's own slot validity, not this mask."""
         return self.seen + query_length, 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("optpass's compressed KV cache does not support beam search")
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -91,36 +117,38 @@ class CompressedLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values()) if self.store is not None else 0
 
-    # -- attention -------------------------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
-               scaling: float) -> torch.Tensor:
-        """Attention output [B, Hq, Q, D] for new tokens, updating the cache. `valid` [B, Q] marks padding at
-        prefill (None = all valid)."""
+    # -- attention ---------------------------------------------------------------------------------------------
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                  scaling: float, softcap: float | None,
+                  dense: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, None]:
+        """The attention call of this layer, output [B, Q, Hq, D] as transformers' attention functions return it.
+        `dense()` runs the model's own implementation on (query, key, value, mask): used for the prompt."""
+        from optpass.backends.kv.attention import padding_valid
+
         if self.store is None:
             self.allocate(key.shape[0], key.shape[1], key.shape[3], key.dtype, key.device)
         if not torch.compiler.is_compiling():
             first = self.seen == 0
             self.seen += query.shape[2]
             if first:
-                return self.prefill(query, key, value, valid, scaling)
-        if query.shape[2] == 1:
-            return self.decode(query, key, value, scaling)
-        return torch.cat([self.decode(query[:, :, i:i + 1], key[:, :, i:i + 1], value[:, :, i:i + 1], scaling)
-                          for i in range(query.shape[2])], dim=2)
+                out, weights = dense()
+                valid = padding_valid(mask, key.shape[0], key.shape[2])
+                self.prefill(query, key, value, valid, scaling)
+                return out, weights
+        steps = [self.decode(query[:, :, i:i + 1], key[:, :, i:i + 1], value[:, :, i:i + 1], scaling, softcap)
+                 for i in range(query.shape[2])]
+        out = steps[0] if len(steps) == 1 else torch.cat(steps, dim=2)
+        return out.transpose(1, 2).contiguous(), None
 
     def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
-                scaling: float) -> torch.Tensor:
-        b, h, s, _ = key.shape
+                scaling: float) -> None:
+        """Keep the attended prompt (`valid` [B, S]: False for padding and, in a sliding layer, outside the window)."""
+        b, _, s, _ = key.shape
         if valid is None:
             valid = torch.ones(b, s, dtype=torch.bool, device=key.device)
-        causal = torch.ones(s, s, dtype=torch.bool, device=key.device).tril()
-        mask = causal[None, None] & valid[:, None, None, :]
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                             enable_gqa=query.shape[1] != h).nan_to_num(0.0)
         self._fill(query, key, value, valid, scaling)
         if self.record:
             self.prompt = (query, key, value, valid, scaling)
-        return out
 
     def load_prompt(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
                     scaling: float) -> None:
@@ -180,7 +208,8 @@ class CompressedLayer(CacheLayerMixin):
         self.score.zero_()
         self.win_score.zero_()
 
-    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+               softcap: float | None = None) -> torch.Tensor:
         """One new token per row: move the window's oldest token into the weakest slot, add the new one, attend."""
         store = self.store
         b, h, _, d = key.shape
@@ -208,21 +237,25 @@ class CompressedLayer(CacheLayerMixin):
         self.win_age.index_copy_(2, slot, age)
         self.win_score.index_copy_(2, slot, self.policy.insert_score(age))
 
-        out, p_slots, p_win = self._attend_all(query, scaling)
+        out, p_slots, p_win = self._attend_all(query, scaling, softcap)
         if self.policy.accumulates:
             self.score.add_(p_slots)
             self.win_score.add_(p_win)
         self.t.add_(1)
         return out.to(query.dtype)
 
-    def _attend_all(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Attention of one query per head over slots + window; also each KV head's summed probabilities."""
+    def _attend_all(self, query: torch.Tensor, scaling: float,
+                    softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention of one query per head over slots + window (logits softcapped as the model does, when it
+        does); also each KV head's summed probabilities."""
         b, hq, _, d = query.shape
         h = self.win_keys.shape[1]
         q = query.float().view(b, h, hq // h, d) * scaling
         k_slots = self.store.decode_keys()
         logits = torch.cat([torch.einsum("bhgd,bhcd->bhgc", q, k_slots),
                             torch.einsum("bhgd,bhwd->bhgw", q, self.win_keys.float())], dim=-1)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         empty = torch.cat([self.age < 0, self.win_age < 0], dim=-1)[:, :, None, :]
         probs = logits.masked_fill(empty, NEG).softmax(-1)
         c = self.capacity

@@ -9,12 +9,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from optpass.backends.kv.attention import rope_for
 from optpass.errors import ConfigError
 
 SCHEDULES = ("uniform", "pyramid", "density")
@@ -33,36 +30,28 @@ def pyramid(num_layers: int, slope: float = PYRAMID_SLOPE) -> tuple[float, ...]:
 
 @torch.no_grad()
 def attention_density(model: nn.Module, batches: list[torch.Tensor], mass: float = 0.9, queries: int = 16) -> list[float]:
-    """Per layer: the mean fraction of keys holding `mass` of the attention of the last `queries` queries."""
+    """Per layer: the mean fraction of keys holding `mass` of the attention of the last `queries` queries.
+    Reads the queries and keys the model hands its attention function (optpass's must be enabled), so the
+    model's own projections, norms and RoPE are what is measured."""
+    from optpass.backends.kv.attention import observing
+
     captured: dict[int, list[float]] = {}
 
-    def hook(layer_idx: int) -> Callable:
-        def fn(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            b, s, _ = hidden.shape
-            q = module.q_proj(hidden).view(b, s, -1, module.head_dim).transpose(1, 2)
-            k = module.k_proj(hidden).view(b, s, -1, module.head_dim).transpose(1, 2)
-            cos, sin = kwargs["position_embeddings"]
-            q, k = rope_for(type(module))(q, k, cos, sin)
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            n = min(queries, s)
-            logits = (q[:, :, -n:] @ k.transpose(-1, -2)) * module.scaling
-            causal = torch.arange(s)[None, :] > torch.arange(s - n, s)[:, None]
-            probs = logits.masked_fill(causal, float("-inf")).softmax(-1)
-            sorted_p = probs.sort(-1, descending=True).values.cumsum(-1)
-            needed = (sorted_p < mass).sum(-1).float() + 1
-            visible = torch.arange(s - n, s).float() + 1
-            captured.setdefault(layer_idx, []).append(float((needed / visible).mean()))
-        return fn
+    def observe(module: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: object, scaling: float) -> None:
+        s = q.shape[2]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        n = min(queries, s)
+        logits = (q[:, :, -n:].float() @ k.float().transpose(-1, -2)) * scaling
+        causal = torch.arange(s)[None, :] > torch.arange(s - n, s)[:, None]
+        probs = logits.masked_fill(causal, float("-inf")).softmax(-1)
+        sorted_p = probs.sort(-1, descending=True).values.cumsum(-1)
+        needed = (sorted_p < mass).sum(-1).float() + 1
+        visible = torch.arange(s - n, s).float() + 1
+        captured.setdefault(getattr(module, "layer_idx", len(captured)), []).append(float((needed / visible).mean()))
 
-    handles = [m.register_forward_hook(hook(i), with_kwargs=True)
-               for i, m in enumerate(m for name, m in model.named_modules() if name.endswith("self_attn"))]
-    try:
+    with observing(observe):
         for ids in batches:
             model(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     return [sum(v) / len(v) for _, v in sorted(captured.items())]
 
 

@@ -1,0 +1,65 @@
+"""What optpass reads from transformers, in one place, so that a renamed argument is followed once.
+
+transformers 5.2x renamed the cache argument of every model `forward` (and of `generate`) from
+`past_key_values` to `cache`, keeping the old name as a deprecated alias until 5.40. optpass asks each model
+which name its `forward` takes instead of hard-coding either. Layer kinds come from the documented config
+fields (`layer_types`, `sliding_window`), the same ones transformers' own caches are built from.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword `model.forward` (and its `generate`) takes the KV cache under."""
+    forward = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` to splat into a forward / generate call of `model`."""
+    return {cache_kwarg(model): cache}
+
+
+def output_cache(model: nn.Module, output: Any) -> Any:
+    """The cache a forward or `generate(return_dict_in_generate=True)` returned, under either name."""
+    for name in (cache_kwarg(model), "cache", "past_key_values"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How one decoder layer attends: over everything (`full_attention`) or a trailing window."""
+
+    kind: str
+    window: int | None = None
+
+
+def text_config(config: Any) -> Any:
+    getter = getattr(config, "get_text_config", None)
+    return getter(decoder=True) if callable(getter) else config
+
+
+def layer_kinds(config: Any) -> list[LayerKind]:
+    """Per decoder layer, its attention kind, from `config.layer_types` (or `sliding_window` when a model
+    declares no types, as Mistral does). Kinds optpass does not know are returned as they are, so callers
+    can refuse them by name."""
+    cfg = text_config(config)
+    n = int(cfg.num_hidden_layers)
+    window = getattr(cfg, "sliding_window", None)
+    types = list(getattr(cfg, "layer_types", None) or [SLIDING if window else FULL] * n)
+    return [LayerKind(t, int(window) if t == SLIDING and window else None) for t in types[:n]]

@@ -60,6 +60,11 @@ class ModelAdapter:
         """kwarg name -> {dim index: "B" | "S"} for `torch.export.Dim`."""
         return {}
 
+    def valid_mask(self, batch: Batch) -> torch.Tensor | None:
+        """[B, S] True where the output is a real token's (padding masked out of every metric), or None."""
+        mask = (batch.kwargs or {}).get("attention_mask")
+        return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
     def output_tensor(self, output: Any) -> torch.Tensor:
         """The tensor quality is measured on."""
         if isinstance(output, torch.Tensor):
@@ -76,7 +81,7 @@ class CausalLMAdapter(ModelAdapter):
     """Hugging Face causal LMs: token ids in, logits out; quality by KL, top-1 agreement, perplexity."""
 
     kind = "causal_lm"
-    metrics = ("kl", "top1", "perplexity")
+    metrics = ("kl", "top1", "perplexity", "ppl_increase")
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -116,7 +121,8 @@ class CausalLMAdapter(ModelAdapter):
 
 
 class DiffusersTransformerAdapter(ModelAdapter):
-    """diffusers transformers (DiT, ...): latents + timestep (+ labels) in, `.sample` out; PSNR / rel-L2."""
+    """diffusers transformers (DiT, Flux, SD3): latents + timestep (+ labels or text conditioning) in,
+    `.sample` out; PSNR / rel-L2. Example inputs come from one builder per class (`DIFFUSERS_INPUTS`)."""
 
     kind = "diffusion_transformer"
     metrics = ("rel_l2", "psnr")
@@ -127,19 +133,115 @@ class DiffusersTransformerAdapter(ModelAdapter):
         return type(model).__module__.startswith("diffusers") and hasattr(config, "in_channels")
 
     def example_batch(self, model: nn.Module) -> Batch:
-        config = model.config
-        size = config.sample_size
-        g = torch.Generator().manual_seed(0)
-        kwargs: dict[str, Any] = {
-            "hidden_states": torch.randn(2, config.in_channels, size, size, generator=g),
-            "timestep": torch.randint(0, 1000, (2,), generator=g),
-        }
-        if getattr(config, "num_embeds_ada_norm", None):
-            kwargs["class_labels"] = torch.randint(0, config.num_embeds_ada_norm, (2,), generator=g)
-        return Batch(kwargs=kwargs)
+        builder = DIFFUSERS_INPUTS.get(type(model).__name__)
+        if builder is None:
+            raise UnsupportedModelError(f"{type(model).__name__}: optpass has no example-input builder for this diffusers "
+                                        f"model (known: {', '.join(sorted(DIFFUSERS_INPUTS))}); pass example_kwargs={{...}}")
+        return Batch(kwargs=builder(model.config, torch.Generator().manual_seed(0)))
 
     def capture_kwargs(self, batch: Batch) -> dict[str, Any]:
         return {"return_dict": False}
+
+
+def _dit_inputs(config: Any, g: torch.Generator) -> dict[str, Any]:
+    size = config.sample_size
+    kwargs: dict[str, Any] = {"hidden_states": torch.randn(2, config.in_channels, size, size, generator=g),
+                              "timestep": torch.randint(0, 1000, (2,), generator=g)}
+    if getattr(config, "num_embeds_ada_norm", None):
+        kwargs["class_labels"] = torch.randint(0, config.num_embeds_ada_norm, (2,), generator=g)
+    return kwargs
+
+
+def _text_conditioning(config: Any, g: torch.Generator, tokens: int = 8) -> dict[str, Any]:
+    return {"encoder_hidden_states": torch.randn(2, tokens, config.joint_attention_dim, generator=g),
+            "pooled_projections": torch.randn(2, config.pooled_projection_dim, generator=g)}
+
+
+def _sd3_inputs(config: Any, g: torch.Generator) -> dict[str, Any]:
+    size = config.sample_size
+    return {"hidden_states": torch.randn(2, config.in_channels, size, size, generator=g), **_text_conditioning(config, g),
+            "timestep": torch.randint(0, 1000, (2,), generator=g)}
+
+
+def _flux_inputs(config: Any, g: torch.Generator, image_tokens: int = 16, text_tokens: int = 8) -> dict[str, Any]:
+    kwargs = {"hidden_states": torch.randn(2, image_tokens, config.in_channels, generator=g),
+              **_text_conditioning(config, g, text_tokens), "timestep": torch.rand(2, generator=g),
+              "img_ids": torch.zeros(image_tokens, 3), "txt_ids": torch.zeros(text_tokens, 3)}
+    if getattr(config, "guidance_embeds", False):
+        kwargs["guidance"] = torch.full((2,), 3.5)
+    return kwargs
+
+
+DIFFUSERS_INPUTS = {"DiTTransformer2DModel": _dit_inputs, "SD3Transformer2DModel": _sd3_inputs,
+                    "FluxTransformer2DModel": _flux_inputs}
+
+
+class EncoderAdapter(ModelAdapter):
+    """transformers encoders (BERT, sentence-embedding models): token ids + attention mask in, token states out;
+    quality on the mean-pooled sentence embedding (cosine) and the real tokens' states (relative L2)."""
+
+    kind = "encoder"
+    metrics = ("cosine", "rel_l2")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return (type(model).__module__.startswith("transformers") and hasattr(config, "vocab_size")
+                and not hasattr(model, "generate") and not _has_task_head(model))
+
+    def example_batch(self, model: nn.Module) -> Batch:
+        return _padded_ids(model.config.vocab_size)
+
+    def capture_kwargs(self, batch: Batch) -> dict[str, Any]:
+        return {"return_dict": True}
+
+    def data_batches(self, model: nn.Module, data: Any, purpose: str, example: Batch) -> tuple[list[Batch], str]:
+        if data is not None:
+            return super().data_batches(model, data, purpose, example)
+        tokenizer = tokenizer_for(model)
+        if tokenizer is None:
+            return [_padded_ids(model.config.vocab_size, 1 if purpose == "verify" else 2)], \
+                "random padded token ids (no local tokenizer)"
+        from optpass.corpus import sentences
+
+        batch = tokenizer(sentences(8, offset=0 if purpose == "verify" else 8), padding=True, truncation=True,
+                          max_length=128, return_tensors="pt")
+        return [Batch(kwargs=dict(batch))], f"8 padded sentences of pydoc_data.topics ({purpose} slice)"
+
+    def dynamic_dims(self, batch: Batch) -> dict[str, dict[int, str]]:
+        return {name: {0: "B", 1: "S"} for name in (batch.kwargs or {}) if name in _TOKEN_INPUTS}
+
+
+class ClassifierAdapter(EncoderAdapter):
+    """transformers models with a task head (sequence / token classification): quality on the task logits."""
+
+    kind = "classifier"
+    metrics = ("kl", "top1")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return (type(model).__module__.startswith("transformers") and hasattr(config, "vocab_size")
+                and not hasattr(model, "generate") and _has_task_head(model))
+
+    def output_tensor(self, output: Any) -> torch.Tensor:
+        return output.logits if hasattr(output, "logits") else super().output_tensor(output)
+
+
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _has_task_head(model: nn.Module) -> bool:
+    return any(hasattr(model, name) for name in ("classifier", "score", "qa_outputs"))
+
+
+def _padded_ids(vocab: int, seed: int = 0) -> Batch:
+    """Two rows of random ids, the second right-padded by a quarter (so padding handling is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (2, 16), generator=g)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 12:] = 0
+    return Batch(kwargs={"input_ids": ids * mask, "attention_mask": mask})
 
 
 def _user_batches(data: Any) -> list[Batch]:
@@ -174,7 +276,8 @@ def tokenizer_for(model: nn.Module) -> Any | None:
         return None
 
 
-ADAPTERS: list[type[ModelAdapter]] = [CausalLMAdapter, DiffusersTransformerAdapter, ModelAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [CausalLMAdapter, DiffusersTransformerAdapter, ClassifierAdapter, EncoderAdapter,
+                                      ModelAdapter]
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

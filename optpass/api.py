@@ -91,8 +91,12 @@ def optimize(
     calibration_data: Any = None,
     inplace: bool = False,
     objective: str = "latency",
+    context: int | None = None,
 ) -> nn.Module:
-    """Optimize `model` for `target`; see the module docstring. Returns the optimized model."""
+    """Optimize `model` for `target`; see the module docstring. Returns the optimized model.
+
+    `context`: the context length (prompt + generated tokens) a causal LM will serve; the cost model plans
+    its decode step there (KV-cache compression only pays at long contexts). Default: the example's length."""
     start = time.perf_counter()
     if isinstance(model, str) and model.endswith(".onnx"):
         # ONNX in, ONNX out: returns an OnnxOptimizeResult (.path, .report), see backends/onnx/optimize.py
@@ -112,12 +116,16 @@ def optimize(
     order_steps([PlanStep(p, []) for p in pass_list])  # fail fast on cycles / conflicts, before any work
     adapter = adapter_for(model)
     budget = resolve_budget(quality_budget, adapter.kind)
+    budget.check_measurable(adapter.metrics, adapter.kind)
+    if context is not None and (not isinstance(context, int) or context < 2):
+        raise ConfigError(f"context={context!r}: give the served context length in tokens (an int >= 2)")
     was_training = model.training
     model.eval()
 
     stages = iter(track(range(5), "optpass optimize", total=5))
     next(stages)
     graph = capture(model, example_inputs, example_kwargs)
+    graph.context = context if graph.model_kind == "causal_lm" else None
     example = Batch(tuple(example_inputs or ()), dict(example_kwargs or {})) if (example_inputs or example_kwargs) \
         else adapter.example_batch(model)
 
@@ -133,9 +141,12 @@ def optimize(
                         d.candidate.estimate.crossover if d.candidate.estimate else None)
         for d in decisions
     ]
-    plan = Plan(target=spec.name, steps=[PlanStep(p, [d.candidate for d in decisions if d.chosen and d.candidate.pass_name == p.name])
-                                         for p in pass_list])
+    plan = Plan(target=spec.name, steps=[_plan_step(p, decisions) for p in pass_list])
     report.plan = plan.to_dict()
+    if graph.model_kind == "causal_lm":
+        ctx = graph.estimate_shape[2]
+        source = "context=" if context else "the example's length; pass context= to plan for long-context serving"
+        report.notes.append(f"planned for batch-1 decode at {ctx} tokens of context ({source})")
 
     next(stages)
     verify_batches, verify_note = adapter.data_batches(model, calibration_data, "verify", example)
@@ -152,6 +163,8 @@ def optimize(
     if optimized is model:
         optimized = copy.deepcopy(model)
     applied = [r for r in report.passes if r.status == "applied"]
+    if not auto:
+        _warn_not_applied(report)
     _mark_not_kept(report)
     report.quality_final = applied[-1].quality if applied else dict(guard.evaluate(optimized))
 
@@ -189,6 +202,22 @@ def _measure(report: OptimizationReport, baseline: nn.Module, optimized: nn.Modu
     base_bytes = weight_bytes(baseline)
     report.memory = {"baseline_bytes": base_bytes, "optimized_bytes": weight_bytes(optimized),
                      "predicted_optimized_bytes": base_bytes + d_mem}
+
+
+def _plan_step(p: Pass, decisions: list[Any]) -> PlanStep:
+    mine = [d for d in decisions if d.candidate.pass_name == p.name]
+    why = "; ".join(dict.fromkeys(d.reason for d in mine if not d.chosen and d.reason))
+    return PlanStep(p, [d.candidate for d in mine if d.chosen], why_none=why)
+
+
+def _warn_not_applied(report: OptimizationReport) -> None:
+    """A pass the user asked for by name that did not apply is said out loud, not only in the report."""
+    import warnings
+
+    for record in report.passes:
+        if record.status != "applied":
+            warnings.warn(f"optpass: pass {record.name!r} was not applied ({record.status}): {record.reason}",
+                          stacklevel=3)
 
 
 def _mark_not_kept(report: OptimizationReport) -> None:

@@ -120,7 +120,7 @@ def capture(
         if gm.meta.get("optpass_graph_breaks"):
             notes.append(f"dynamo graph breaks: {gm.meta['optpass_graph_breaks']} (indexed the largest graph)")
 
-    graph = ModelGraph(graph_module=gm, method=method, notes=notes, model_kind=adapter.kind)
+    graph = ModelGraph(graph_module=gm, method=method, notes=notes, model_kind=adapter.kind, model_class=type(model).__name__)
     graph.symbols = _symbol_names(gm, batch, adapter) if method == "export" else {}
     graph.num_params = sum(p.numel() for p in model.parameters())
     graph.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -34,6 +34,15 @@ def token_windows(tokenizer: Any, window: int, count: int, offset_windows: int =
     return ids[start : start + count * window].view(count, window)
 
 
+def sentences(count: int, offset: int = 0, min_words: int = 4) -> list[str]:
+    """`count` corpus sentences of varied length (for padded encoder batches), after skipping `offset`."""
+    import re
+
+    found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", corpus_text())
+             if len(s.split()) >= min_words and "\n" not in s.strip()]
+    return found[offset: offset + count]
+
+
 PASSKEY_PREAMBLE = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n\n"

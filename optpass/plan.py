@@ -14,6 +14,7 @@ class PlanStep:
 
     pass_: Pass
     chosen: list[Candidate]
+    why_none: str = ""  # when nothing was chosen: the candidates' reasons (what the report says)
 
     @property
     def name(self) -> str:

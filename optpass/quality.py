@@ -1,8 +1,10 @@
 """Quality guard: metrics of a rewritten model against the unoptimized reference, and the budget that
 the pass manager enforces (a pass that exceeds it is rolled back).
 
-Metrics: logits KL(ref || new) and top-1 agreement, perplexity on real text, passkey retrieval
-accuracy at a context length, and PSNR / relative L2 for continuous outputs (diffusion).
+Metrics (`optpass/metrics.py`, all on real tokens: padding is masked out): logits KL(ref || new) and top-1
+agreement, perplexity on real text, passkey retrieval accuracy at a context length, PSNR / relative L2 for
+continuous outputs (diffusion, generic modules), pooled-embedding cosine for encoders. A budget term that no
+metric of the model's kind measures is refused (`QualityBudget.check_measurable`), never silently ignored.
 """
 
 from __future__ import annotations
@@ -19,17 +21,10 @@ from torch import nn
 from optpass.adapters import Batch, ModelAdapter
 from optpass.errors import ConfigError
 from optpass.hf_compat import with_cache
+from optpass.metrics import embedding_cosine, logits_kl, perplexity, psnr, rel_l2, top1_agreement
 
-
-def logits_kl(ref: torch.Tensor, new: torch.Tensor) -> float:
-    """Mean over positions of KL(softmax(ref) || softmax(new)), in nats."""
-    ref_lp = F.log_softmax(ref.float().flatten(0, -2), dim=-1)
-    new_lp = F.log_softmax(new.float().flatten(0, -2), dim=-1)
-    return float(F.kl_div(new_lp, ref_lp, log_target=True, reduction="batchmean"))
-
-
-def top1_agreement(ref: torch.Tensor, new: torch.Tensor) -> float:
-    return float((ref.argmax(-1) == new.argmax(-1)).float().mean())
+__all__ = ["QualityBudget", "QualityGuard", "embedding_cosine", "logits_kl", "passkey_accuracy", "perplexity", "psnr",
+           "rel_l2", "stepwise_logits", "top1_agreement"]
 
 
 @torch.no_grad()
@@ -43,24 +38,6 @@ def stepwise_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     steps = [model(input_ids=ids[:, t:t + 1], **with_cache(model, cache), use_cache=True).logits[0, -1]
              for t in range(ids.shape[1])]
     return torch.stack(steps).float()
-
-
-def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    """exp(mean next-token cross-entropy) of `logits` [B, S, V] on `ids` [B, S]."""
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="mean")
-    return float(torch.exp(loss))
-
-
-def rel_l2(ref: torch.Tensor, new: torch.Tensor) -> float:
-    return float((new.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
-
-
-def psnr(ref: torch.Tensor, new: torch.Tensor, data_range: float | None = None) -> float:
-    """Peak signal-to-noise ratio in dB; the range defaults to the reference's max - min."""
-    ref, new = ref.float(), new.float()
-    mse = float(((ref - new) ** 2).mean())
-    rng = data_range if data_range is not None else float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 20 * math.log10(max(rng, 1e-12)) - 10 * math.log10(mse)
 
 
 @torch.no_grad()
@@ -81,6 +58,11 @@ def passkey_accuracy(model: nn.Module, tokenizer: Any, context_tokens: int, dept
     return hits / total
 
 
+# budget field -> (its term in "ppl:2%" strings, the metric key it limits)
+_BUDGET_TERMS = {"max_ppl_increase": ("ppl", "ppl_increase"), "max_kl": ("kl", "kl"), "min_top1": ("top1", "top1"),
+                 "min_psnr": ("psnr", "psnr"), "max_rel_l2": ("rel_l2", "rel_l2"), "min_cosine": ("cosine", "cosine")}
+
+
 @dataclass(frozen=True)
 class QualityBudget:
     """Limits a rewritten model must stay within, relative to the reference. None = not checked."""
@@ -90,6 +72,7 @@ class QualityBudget:
     min_top1: float | None = None  # in [0, 1]
     min_psnr: float | None = None  # dB
     max_rel_l2: float | None = None
+    min_cosine: float | None = None  # pooled-embedding cosine similarity (encoders), worst row
 
     def __post_init__(self) -> None:
         checks = {
@@ -98,6 +81,7 @@ class QualityBudget:
             "min_top1": (0.0, 1.0),
             "min_psnr": (0.0, math.inf),
             "max_rel_l2": (0.0, math.inf),
+            "min_cosine": (-1.0, 1.0),
         }
         for name, (lo, hi) in checks.items():
             value = getattr(self, name)
@@ -106,17 +90,25 @@ class QualityBudget:
 
     @classmethod
     def default_for(cls, kind: str) -> QualityBudget:
-        """Sensible defaults: LMs may lose at most 2% perplexity; continuous outputs keep PSNR >= 30 dB."""
-        if kind == "causal_lm":
-            return cls(max_ppl_increase=0.02)
-        if kind == "diffusion_transformer":
-            return cls(min_psnr=30.0)
-        return cls(max_rel_l2=0.05)
+        """Sensible defaults: LMs may lose at most 2% perplexity; continuous outputs keep PSNR >= 30 dB; sentence
+        encoders keep every pooled embedding at cosine >= 0.99; classifiers' logits KL <= 0.01."""
+        defaults = {"causal_lm": cls(max_ppl_increase=0.02), "diffusion_transformer": cls(min_psnr=30.0),
+                    "encoder": cls(min_cosine=0.99), "classifier": cls(max_kl=0.01)}
+        return defaults.get(kind, cls(max_rel_l2=0.05))
+
+    def check_measurable(self, metrics: tuple[str, ...], kind: str) -> None:
+        """Raise `ConfigError` for a budget term no metric of this model kind measures (`psnr:30` on an LM)."""
+        missing = [f"{term} ({field})" for field, (term, metric) in _BUDGET_TERMS.items()
+                   if getattr(self, field) is not None and metric not in metrics]
+        if missing:
+            available = sorted(t for t, m in _BUDGET_TERMS.values() if m in metrics)
+            raise ConfigError(f"quality budget term(s) {', '.join(missing)} cannot be measured on a {kind} model; "
+                              f"its metrics give: {', '.join(available)}")
 
     @classmethod
     def parse(cls, text: str) -> QualityBudget:
         """Parse `"ppl:2%,kl:0.05,top1:0.9,psnr:30,rel_l2:0.01"`."""
-        keys = {"ppl": "max_ppl_increase", "kl": "max_kl", "top1": "min_top1", "psnr": "min_psnr", "rel_l2": "max_rel_l2"}
+        keys = {term: field for field, (term, _) in _BUDGET_TERMS.items()}
         values: dict[str, float] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             m = re.fullmatch(r"(\w+)\s*[:=]\s*([-+0-9.eE]+)\s*(%?)", part)
@@ -134,6 +126,7 @@ class QualityBudget:
             ("top1", self.min_top1, lambda v, lim: v >= lim, "top-1 agreement {v:.3f} < {lim}"),
             ("psnr", self.min_psnr, lambda v, lim: v >= lim, "PSNR {v:.1f} dB < {lim} dB"),
             ("rel_l2", self.max_rel_l2, lambda v, lim: v <= lim, "relative L2 {v:.4f} > {lim}"),
+            ("cosine", self.min_cosine, lambda v, lim: v >= lim, "pooled-embedding cosine {v:.4f} < {lim}"),
         ]
         for key, lim, ok, text in limits:
             if lim is not None and key in metrics and not ok(metrics[key], lim):
@@ -151,6 +144,7 @@ class QualityGuard:
         self.adapter = adapter
         self.batches = batches
         self.budget = budget
+        self.masks = [adapter.valid_mask(b) for b in batches]  # real tokens; padding is never scored
         self.reference_outputs = self._outputs(reference)
         self.reference_metrics = self._absolute(self.reference_outputs)
 
@@ -164,20 +158,25 @@ class QualityGuard:
     def _absolute(self, outputs: list[torch.Tensor]) -> dict[str, float]:
         if "perplexity" not in self.adapter.metrics:
             return {}
-        ppls = [perplexity(o, self._labels(b)) for o, b in zip(outputs, self.batches) if self._labels(b) is not None]
+        ppls = [perplexity(o, self._labels(b), self.masks[i]) for i, (o, b) in enumerate(zip(outputs, self.batches))
+                if self._labels(b) is not None]
         return {"perplexity": float(torch.tensor(ppls).log().mean().exp())} if ppls else {}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Metrics of `model` vs the reference; `finite` is 0.0 when any output is NaN/inf."""
+        """Metrics of `model` vs the reference on real tokens; `finite` is 0.0 when any output is NaN/inf."""
         outputs = self._outputs(model)
         metrics: dict[str, float] = {"finite": float(all(torch.isfinite(o).all() for o in outputs))}
-        pairs = list(zip(self.reference_outputs, outputs))
-        if "kl" in self.adapter.metrics:
-            metrics["kl"] = sum(logits_kl(r, n) for r, n in pairs) / len(pairs)
-            metrics["top1"] = sum(top1_agreement(r, n) for r, n in pairs) / len(pairs)
-        if "rel_l2" in self.adapter.metrics:
-            metrics["rel_l2"] = max(rel_l2(r, n) for r, n in pairs)
-            metrics["psnr"] = min(psnr(r, n) for r, n in pairs)
+        triples = list(zip(self.reference_outputs, outputs, self.masks))
+        wanted = self.adapter.metrics
+        if "kl" in wanted:
+            metrics["kl"] = sum(logits_kl(r, n, m) for r, n, m in triples) / len(triples)
+            metrics["top1"] = sum(top1_agreement(r, n, m) for r, n, m in triples) / len(triples)
+        if "rel_l2" in wanted:
+            metrics["rel_l2"] = max(rel_l2(r, n, m) for r, n, m in triples)
+        if "psnr" in wanted:
+            metrics["psnr"] = min(psnr(r, n, mask=m) for r, n, m in triples)
+        if "cosine" in wanted:
+            metrics["cosine"] = min(embedding_cosine(r, n, m) for r, n, m in triples)
         absolute = self._absolute(outputs)
         if "perplexity" in absolute:
             metrics["perplexity"] = absolute["perplexity"]

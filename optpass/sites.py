@@ -27,6 +27,7 @@ class LinearSite:
     block: int | None  # index of the repeated block it sits in, None outside blocks
     is_output_head: bool  # produces the model's output logits (LM head): a separate decision for quantization
     tied_to: str | None = None  # parameter this weight shares storage with (tied embeddings)
+    layout: str = "linear"  # "linear": W[out, in] (nn.Linear); "conv1d": W[in, out] (GPT-2's Conv1D, addmm)
 
     @property
     def weight_numel(self) -> int:
@@ -84,14 +85,17 @@ class ModelGraph:
     model_kind: str = "generic"
     example_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     modules: dict[str, str] = field(default_factory=dict)  # module path -> class name, for modules that ran
+    context: int | None = None  # the context length the user plans to serve (`optimize(context=...)`)
+    model_class: str = ""  # class name of the captured model (passes refuse classes they cannot drive by name)
 
     @property
     def estimate_shape(self) -> tuple[int, int, int]:
         """(batch, new tokens, context) that candidate estimates and the report's latency are made at:
-        one decode step (batch 1, one token) for causal LMs, the example input's shape otherwise."""
+        one decode step (batch 1, one token) for causal LMs at the stated context (else the example's length),
+        the example input's shape otherwise."""
         shape = next(iter(self.example_shapes.values()), (1, 1))
         b, s = (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (1, 1)
-        return (1, 1, s) if self.model_kind == "causal_lm" else (b, s, s)
+        return (1, 1, self.context or s) if self.model_kind == "causal_lm" else (b, s, s)
 
     @property
     def example_tokens(self) -> int:

@@ -33,6 +33,8 @@ from optpass.sampling import ddim_sample
 from optpass.sites import ModelGraph
 
 DEFAULT_POLICIES = ("fixed_interval", "first_block", "teacache", "taylorseer", "taylorseer_gated")
+# models the built-in sampler can denoise (latents + timestep + optional class label, no text conditioning)
+DEFAULT_SAMPLER_CLASSES = ("DiTTransformer2DModel",)
 SampleFn = Callable[[nn.Module, Sequence[int]], torch.Tensor]
 
 
@@ -104,6 +106,10 @@ class DitCachePass(Pass):
         if graph.model_kind != "diffusion_transformer" and self.sampler is None:
             return [Candidate.skip(self.name, (), f"a {graph.model_kind} model has no denoising loop to cache across; "
                                    "for a plain PyTorch DiT pass DitCachePass(config, sampler=...)")]
+        if self.sampler is None and graph.model_class not in DEFAULT_SAMPLER_CLASSES:
+            return [Candidate.skip(self.name, (), f"the built-in sampler drives {', '.join(DEFAULT_SAMPLER_CLASSES)} "
+                                   f"(class-conditional latents); {graph.model_class or 'this model'} needs its pipeline's "
+                                   "conditioning, so pass DitCachePass(config, sampler=...) to calibrate on it")]
         found = (cfg.stack, 0) if cfg.stack else find_stack(graph)
         if found is None:
             return [Candidate.skip(self.name, (), "no repeated block stack (BlockSites) in the captured graph")]

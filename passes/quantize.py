@@ -190,24 +190,58 @@ def _swap(model: nn.Module, cand: Candidate, cfg: QuantizeConfig, context: Apply
     """Replace each site's nn.Linear with its quantized module; return the originals for rollback.
     AWQ scaling is function-preserving in float, so a rolled-back candidate leaves an equivalent model."""
     scheme, gs = cand.params["scheme"], cand.params["group_size"]
+    originals = _linearize(model, cand.sites)  # GPT-2 Conv1D -> the equivalent nn.Linear, so one code path follows
     if scheme == "int4" and cfg.awq and context.calibration and context.graph is not None:
         from optpass.passes.awq import apply_awq
 
         awq = apply_awq(model, cand.sites, gs, context.calibration, context.graph)
         notes[f"awq {cand.label}"] = {"mean_alpha": sum(awq["alphas"].values()) / max(len(awq["alphas"]), 1),
                                       "groups": len(awq["alphas"]), "unscaled": awq["unscaled"]}
-    originals = {}
     for path in cand.sites:
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         linear = getattr(parent, attr)
         if not isinstance(linear, nn.Linear):
             continue
-        originals[path] = linear
+        originals.setdefault(path, linear)
         new = (Int8Linear.from_linear(linear, w8a8_min_rows=cand.params.get("w8a8_min_rows")) if scheme == "int8"
                else Int4Linear.from_linear(linear, gs))
         setattr(parent, attr, new)
     return originals
+
+
+def as_linear(module: nn.Module) -> nn.Linear | None:
+    """`module` if it is an `nn.Linear`; the equivalent `nn.Linear` of a transformers `Conv1D` (GPT-2 stores
+    its weight [in, out] and computes addmm(b, x, W)); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always ships it
+        return None
+    if not isinstance(module, Conv1D):
+        return None
+    k, n = module.weight.shape
+    linear = nn.Linear(k, n, bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(module.weight.t())
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear.requires_grad_(False)
+
+
+def _linearize(model: nn.Module, paths: tuple[str, ...]) -> dict[str, nn.Module]:
+    """Swap each Conv1D at `paths` for its equivalent nn.Linear; returns the replaced modules."""
+    replaced = {}
+    for path in paths:
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        module = getattr(parent, attr)
+        linear = as_linear(module)
+        if linear is not None and linear is not module:
+            replaced[path] = module
+            setattr(parent, attr, linear)
+    return replaced
 
 
 def _restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:

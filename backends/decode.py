@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optpass.hf_compat import with_cache
+from optpass.hf_compat import last_logits_only, with_cache
 
 MIN_BUCKET = 256
 KV_CONTEXT_BUCKET = 256  # compressed caches: budgets follow the prompt length rounded up to this
@@ -116,7 +116,7 @@ class StaticDecoder:
         eos_ban = no_ban.clone().index_fill_(0, eos, True) if eos.numel() else no_ban
         started = time.perf_counter()
         logits = self.model(input_ids=input_ids, **with_cache(self.model, self.cache), cache_position=torch.arange(prompt),
-                            use_cache=True).logits[:, -1]
+                            use_cache=True, **last_logits_only(self.model)).logits[:, -1]
         prefilled = time.perf_counter()
         token = logits.masked_fill(eos_ban if min_new_tokens > 0 else no_ban, float("-inf")).argmax(-1, keepdim=True)
         tokens = [token]

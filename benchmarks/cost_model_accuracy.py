@@ -1,5 +1,6 @@
-"""How well does the cost model predict what a rewrite does on this machine? SmolLM2-135M, every quantization
-candidate applied alone (blocks int8 / int4 g32 / g64 / g128, lm_head int8 / int4) and the plan
+"""How well does the cost model predict what a rewrite does on this machine? SmolLM2-135M (or Gemma-3 270M with
+`--model gemma3-270m`: shapes the calibration never saw, so the out-of-sample figure), every quantization
+candidate applied alone (blocks int8 / int8 g32 / int4 g32 / g64 / g128, lm_head int8 / int8 g32 / int4) and the plan
 `optimize(passes="auto")` would choose, timed at decode (M=1, eager `forward` with a 64-token KV cache) and
 prefill (16 / 128 / 1024 tokens), all variants interleaved in one process (medians). Reports Kendall tau and
 Spearman rho between predicted and measured latency change (measured as the median of per-round paired ratios;
@@ -8,6 +9,7 @@ measured effect exceeds 10%, top-1 of the chosen plan, and the auto plan's measu
 
     python benchmarks/cost_model_accuracy.py            # full: ~1 min calibration (if none cached) + ~14 min
     python benchmarks/cost_model_accuracy.py --quick    # harness check: 3 rewrites, 3 shapes, 2 rounds
+    python benchmarks/cost_model_accuracy.py --model gemma3-270m
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from optpass.cost_models import calibrate as cal  # noqa: E402
 from optpass.cost_models import get_spec  # noqa: E402
 from optpass.cost_models.model_cost import overrides_for, predict_forward  # noqa: E402
 from optpass.cost_models.selection import band_for, select  # noqa: E402
-from optpass.models import load_smollm2  # noqa: E402
+from optpass.hf_compat import with_cache  # noqa: E402
+from optpass.models import load_gemma3_270m, load_smollm2  # noqa: E402
 from optpass.pass_base import ApplyContext  # noqa: E402
 from optpass.passes.quantize import QuantizeConfig, QuantizePass  # noqa: E402
 
@@ -37,10 +40,12 @@ CONTEXT = 64
 REPEATS = {"decode_ms": 4, "prefill16_ms": 3, "prefill128_ms": 2}  # calls per timed sample (mean) below 1k tokens
 REWRITES = {  # label -> (config, candidate label)
     "blocks int8": (QuantizeConfig(weights="int8", lm_head="keep"), "blocks int8"),
+    "blocks int8 g32": (QuantizeConfig(weights="int8_grouped", lm_head="keep"), "blocks int8 g32"),
     "blocks int4 g32": (QuantizeConfig(weights="int4", group_size=32, lm_head="keep"), "blocks int4 g32"),
     "blocks int4 g64": (QuantizeConfig(weights="int4", group_size=64, lm_head="keep"), "blocks int4 g64"),
     "blocks int4 g128": (QuantizeConfig(weights="int4", group_size=128, lm_head="keep"), "blocks int4 g128"),
     "lm_head int8": (QuantizeConfig(weights="int8", lm_head="int8"), "lm_head int8"),
+    "lm_head int8 g32": (QuantizeConfig(weights="int8", lm_head="int8_grouped"), "lm_head int8 g32"),
     "lm_head int4 g32": (QuantizeConfig(weights="int8", lm_head="int4"), "lm_head int4 g32"),
 }
 QUICK_REWRITES = ("blocks int8", "blocks int4 g32", "lm_head int8")
@@ -68,7 +73,7 @@ def measure_fn(shape_list: dict[str, tuple[int, int]], vocab: int):
                 for _ in range(reps):
                     t0 = time.perf_counter()
                     if name == "decode_ms":
-                        model(input_ids=ids, past_key_values=model._bench_cache, use_cache=True)
+                        model(input_ids=ids, **with_cache(model, model._bench_cache), use_cache=True)
                     else:
                         model(input_ids=ids, use_cache=False)
                     spent += time.perf_counter() - t0
@@ -86,7 +91,8 @@ def setup_fn(base: torch.nn.Module, cands: list[Any], spec: Any):
         model = apply(base, cands, spec).eval()
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            model(input_ids=torch.randint(0, model.config.vocab_size, (1, CONTEXT)), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.randint(0, model.config.vocab_size, (1, CONTEXT)), **with_cache(model, cache),
+                  use_cache=True)
         model._bench_cache = cache
         return model
     return setup
@@ -132,6 +138,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 rewrites, decode + prefill 16/128, 2 rounds")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 11, quick 2)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3-270m"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +149,7 @@ def main() -> None:
         if not args.quick:
             cal.save(record)
     spec = cal.spec_from_record(record)
-    model, _ = load_smollm2()
+    model, _ = (load_gemma3_270m if args.model == "gemma3-270m" else load_smollm2)()
     model.eval()
     graph = capture(model)
     shape_list = shapes(args.quick)
@@ -159,11 +166,12 @@ def main() -> None:
                      note=f"sites: {sum(len(c.sites) for c in cands)}") for n, cands in variants]
     predicted = {n: {m: 1e3 * predict_forward(graph, spec, 1, s, ctx, overrides_for(cands))
                      for m, (s, ctx) in shape_list.items()} for n, cands in variants}
-    result = run_scenario("cost_model_accuracy" + ("_quick" if args.quick else ""), bench, rounds=rounds,
+    suffix = "" if args.model == "smollm2" else "_" + args.model.replace("-", "_")
+    result = run_scenario("cost_model_accuracy" + suffix + ("_quick" if args.quick else ""), bench, rounds=rounds,
                           extra={"calibration": spec.source["calibration"], "error_band": spec.error_band,
                                  "auto_decisions": decisions, "predicted_ms": predicted})
     stats = summarize(result, predicted, [n for n, _ in variants], shape_list, plan)
-    if not args.quick and stats.get("mdape_speedup_ratio") is not None:
+    if not args.quick and args.model == "smollm2" and stats.get("mdape_speedup_ratio") is not None:
         path = cal.record_validation(stats["mdape_speedup_ratio"], "benchmarks/cost_model_accuracy.py")
         print(f"validated error of predicted speedups ({stats['mdape_speedup_ratio']:.1%}) stored with the calibration: {path}")
 

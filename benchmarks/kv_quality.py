@@ -1,4 +1,5 @@
-"""KV-cache compression quality on SmolLM2-135M: passkey retrieval at 1k / 2k / 4k context (several depths)
+"""KV-cache compression quality on SmolLM2-135M (or Gemma-3 270M, `--model`; its sliding layers keep their window,
+packed like the compressed ones): passkey retrieval at 1k / 2k / 4k context (several depths)
 and the KL / perplexity change of a 64-token continuation after a compressed 2k prefix, for every policy at
 keep ratios 0.5 / 0.25 / 0.125 with int8 KV, next to the full cache and (with --peer-python) NVIDIA kvpress's
 same policies on the same prompts, run in its own virtualenv (it needs transformers <= 5.2).
@@ -6,7 +7,8 @@ same policies on the same prompts, run in its own virtualenv (it needs transform
 Each prompt is prefilled once (prefill attention is exact, so every arm sees the same prompt states);
 each arm's cache is then built from the recorded states and greedy decoding continues through it.
 
-    python benchmarks/kv_quality.py [--quick] [--peer-python /path/to/kvpress-venv/bin/python]
+    python benchmarks/kv_quality.py [--model gemma3-270m] [--contexts 2048 4096] [--arms snapkv] [--keeps 0.25]
+        [--quick] [--peer-python /path/to/kvpress-venv/bin/python]
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import machine_info  # noqa: E402
 from optpass.backends.kv import CompressedKVCache, KVSettings, enable_compressed_attention  # noqa: E402
 from optpass.corpus import passkey_prompt, token_windows  # noqa: E402
-from optpass.models import cache_dir, load_smollm2  # noqa: E402
+from optpass.hf_compat import layer_kinds, with_cache  # noqa: E402
+from optpass.models import cache_dir, load_gemma3_270m, load_smollm2  # noqa: E402
 from optpass.progress import track  # noqa: E402
 from optpass.quality import logits_kl, top1_agreement  # noqa: E402
 
@@ -42,12 +45,13 @@ POLICIES = {  # arm name -> KVSettings fields besides keep
 PEER_PRESSES = {"streaming": "StreamingLLMPress", "snapkv": "SnapKVPress", "h2o": "ObservedAttentionPress"}
 
 
-def settings_for(arm: str, keep: float, layers: int) -> KVSettings:
+def settings_for(arm: str, keep: float, config: Any) -> KVSettings:
     from optpass.backends.kv.policies.budgets import schedule_weights
 
     fields = dict(POLICIES[arm])
     schedule = fields.pop("schedule", "uniform")
-    weights = schedule_weights(schedule, layers) if schedule != "uniform" else None
+    full = sum(k.kind == "full_attention" for k in layer_kinds(config))  # budgets cover the compressed layers
+    weights = schedule_weights(schedule, full) if schedule != "uniform" else None
     return KVSettings(keep=keep, bits=8, layer_weights=weights, **fields)
 
 
@@ -56,14 +60,15 @@ def greedy_from(model: torch.nn.Module, cache: Any, first: torch.Tensor, start: 
     tokens = [int(first)]
     token = first.view(1, 1)
     for i in range(steps - 1):
-        logits = model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[start + i]]), use_cache=True).logits
+        logits = model(input_ids=token, **with_cache(model, cache), position_ids=torch.tensor([[start + i]]),
+                       use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(token))
     return tokens
 
 
-def full_cache(recorded: CompressedKVCache) -> DynamicCache:
-    cache = DynamicCache()
+def full_cache(recorded: CompressedKVCache, config: Any) -> DynamicCache:
+    cache = DynamicCache(config=config)  # transformers' own: sliding layers keep their window
     for i, layer in enumerate(recorded.layers):
         cache.update(layer.prompt[1], layer.prompt[2], i)
     return cache
@@ -71,7 +76,7 @@ def full_cache(recorded: CompressedKVCache) -> DynamicCache:
 
 @torch.no_grad()
 def passkey(model: Any, tok: Any, contexts: list[int], depths: list[float], keeps: list[float], arms: list[str]) -> dict:
-    layers = model.config.num_hidden_layers
+    config = model.config
     hits: dict[str, dict[int, list[int]]] = {}
     prompts = []
     cases = [(c, d) for c in contexts for d in depths]
@@ -79,13 +84,13 @@ def passkey(model: Any, tok: Any, contexts: list[int], depths: list[float], keep
         key = 10000 + (ctx * 31 + int(depth * 1000) * 7919) % 89999
         ids, answer = passkey_prompt(tok, ctx, depth, key, seed=int(depth * 10))
         prompts.append({"context": ctx, "depth": depth, "ids": ids[0].tolist(), "answer": answer})
-        recorded = CompressedKVCache.recording(layers)
-        first = model(input_ids=ids, past_key_values=recorded, use_cache=True).logits[0, -1].argmax()
+        recorded = CompressedKVCache.recording(config)
+        first = model(input_ids=ids, **with_cache(model, recorded), use_cache=True).logits[0, -1].argmax()
         s = ids.shape[1]
-        runs = {"full": lambda: full_cache(recorded)}
+        runs = {"full": lambda: full_cache(recorded, config)}
         for arm in arms:
             for keep in keeps:
-                runs[f"{arm}@{keep}"] = lambda arm=arm, keep=keep: recorded.replay(settings_for(arm, keep, layers))
+                runs[f"{arm}@{keep}"] = lambda arm=arm, keep=keep: recorded.replay(settings_for(arm, keep, config))
         for name, make in runs.items():
             text = tok.decode(greedy_from(model, make(), first, s, ANSWER_TOKENS), skip_special_tokens=True)
             hits.setdefault(name, {}).setdefault(ctx, []).append(int(answer in text.replace(",", "")))
@@ -95,19 +100,19 @@ def passkey(model: Any, tok: Any, contexts: list[int], depths: list[float], keep
 @torch.no_grad()
 def continuation(model: Any, tok: Any, window: int, count: int, keeps: list[float], arms: list[str],
                  tail: int = 64) -> tuple[dict, list]:
-    layers = model.config.num_hidden_layers
+    config = model.config
     windows = token_windows(tok, window=window, count=count, offset_windows=5)
     scores: dict[str, dict[str, list[float]]] = {}
     for ids in track(list(windows.split(1)), "continuation"):
         prefix = ids.shape[1] - tail
         ref = model(input_ids=ids, use_cache=False).logits[:, prefix - 1:-1].float()
         target = ids[0, prefix:]
-        recorded = CompressedKVCache.recording(layers)
-        first = model(input_ids=ids[:, :prefix], past_key_values=recorded, use_cache=True).logits[:, -1:]
+        recorded = CompressedKVCache.recording(config)
+        first = model(input_ids=ids[:, :prefix], **with_cache(model, recorded), use_cache=True).logits[:, -1:]
         for arm in arms:
             for keep in keeps:
-                cache = recorded.replay(settings_for(arm, keep, layers))
-                rest = model(input_ids=ids[:, prefix:-1], past_key_values=cache, use_cache=True).logits
+                cache = recorded.replay(settings_for(arm, keep, config))
+                rest = model(input_ids=ids[:, prefix:-1], **with_cache(model, cache), use_cache=True).logits
                 new = torch.cat([first, rest], dim=1).float()
                 entry = scores.setdefault(f"{arm}@{keep}", {})
                 entry.setdefault("kl", []).append(logits_kl(ref, new))
@@ -140,7 +145,7 @@ def run_peer(python: str, prompts: list, windows: list, keeps: list[float], tail
 def markdown(result: dict) -> str:
     pk, cont, peer = result["passkey"]["accuracy"], result["continuation"], result.get("peer", {})
     contexts = result["contexts"]
-    lines = [f"# kv_quality", "", f"`{result['command']}` | {result['date']} | {result['machine']['cpu']}", "",
+    lines = [f"# {result['scenario']}", "", f"`{result['command']}` | {result['date']} | {result['machine']['cpu']}", "",
              f"Passkey accuracy ({len(result['depths'])} depths per context) and continuation quality "
              f"({result['windows']} x {result['window']}-token windows, last 64 tokens scored); int8 KV; "
              "peer = kvpress on the same prompts (its presses compress the prompt once, then the cache grows).", "",
@@ -167,19 +172,25 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1k context, 2 depths, one ratio: checks the harness")
     ap.add_argument("--peer-python", default=None, help="python of a virtualenv with kvpress + transformers<=5.2")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3-270m"])
+    ap.add_argument("--contexts", type=int, nargs="*", default=None)
+    ap.add_argument("--arms", nargs="*", default=None, choices=sorted(POLICIES))
+    ap.add_argument("--keeps", type=float, nargs="*", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     contexts, depths, keeps = ([1024], [0.25, 0.75], [0.25]) if args.quick else \
         ([1024, 2048, 4096], [0.1, 0.35, 0.6, 0.85], [0.5, 0.25, 0.125])
     window, count = (1024, 1) if args.quick else (2048, 2)
-    arms = list(POLICIES)
-    model, tok = load_smollm2()
+    contexts, keeps = args.contexts or contexts, args.keeps or keeps
+    arms = args.arms or list(POLICIES)
+    model, tok = (load_gemma3_270m if args.model == "gemma3-270m" else load_smollm2)()
     enable_compressed_attention(model)
     t0 = time.time()
     pk = passkey(model, tok, contexts, depths, keeps, arms)
     cont, windows = continuation(model, tok, window, count, keeps, arms)
-    result = {"scenario": "kv_quality", "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    scenario = "kv_quality" if args.model == "smollm2" else "kv_quality_" + args.model.replace("-", "_")
+    result = {"scenario": scenario, "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": machine_info(), "contexts": contexts, "depths": depths, "keeps": keeps, "window": window,
               "windows": count, "passkey": {"accuracy": pk["accuracy"]}, "continuation": cont}
     if args.peer_python:
@@ -188,8 +199,8 @@ def main() -> None:
     from benchmarks import harness
 
     harness.RESULTS.mkdir(parents=True, exist_ok=True)
-    (harness.RESULTS / "kv_quality.json").write_text(json.dumps(result, indent=2, default=str))
-    (harness.RESULTS / "kv_quality.md").write_text(markdown(result))
+    (harness.RESULTS / f"{scenario}.json").write_text(json.dumps(result, indent=2, default=str))
+    (harness.RESULTS / f"{scenario}.md").write_text(markdown(result))
     print(markdown(result))
 
 

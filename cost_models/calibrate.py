@@ -35,7 +35,7 @@ ROWS = (1, 16, 128, 1024)
 # at 16 rows runs at half the block layer's FLOP/s here), so layers near this size use its own regimes
 LARGE_SHAPE = (32768, 768)
 LARGE_ROWS = (1, 16, 128)
-SCHEMES = ("fp32", "bf16", "int8", "int4_g32", "int4_g64", "int4_g128")
+SCHEMES = ("fp32", "bf16", "int8", "int8_g32", "int4_g32", "int4_g64", "int4_g128")
 SPREAD_LIMIT = 0.25  # (max - min) / median above which a measurement is re-taken
 _ISA = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
         "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile", "asimd", "sve")
@@ -102,8 +102,8 @@ def _layer(scheme: str, n: int, k: int) -> nn.Module:
         return lin
     if scheme == "bf16":
         return lin.to(torch.bfloat16)
-    if scheme == "int8":
-        return Int8Linear.from_linear(lin)
+    if scheme.startswith("int8"):
+        return Int8Linear.from_linear(lin, group_size=int(scheme.split("_g")[1]) if "_g" in scheme else None)
     return Int4Linear.from_linear(lin, int(scheme.split("_g")[1]))
 
 

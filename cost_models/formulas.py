@@ -25,8 +25,11 @@ _ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 
 
 def scheme_key(scheme: str, group_size: int | None = None) -> str:
-    """`("int4", 64)` -> `"int4_g64"`, the key calibrations use; other schemes are unchanged."""
-    return f"int4_g{group_size or 32}" if scheme == "int4" else scheme
+    """`("int4", 64)` -> `"int4_g64"`, `("int8", 32)` -> `"int8_g32"` (group scales), `("int8", None)` -> `"int8"`
+    (per channel): the keys calibrations use; other schemes are unchanged."""
+    if scheme == "int4":
+        return f"int4_g{group_size or 32}"
+    return f"int8_g{group_size}" if scheme == "int8" and group_size else scheme
 
 
 def weight_bytes_value(scheme: str, n: int, k: int) -> float:
@@ -36,6 +39,8 @@ def weight_bytes_value(scheme: str, n: int, k: int) -> float:
         return n * k / 2 + 2 * 4 * n * (k // group)  # packed nibbles + fp32 scale and zero per group
     if scheme == "int8":
         return n * k + 4 * n  # int8 values + one fp32 scale per output channel
+    if scheme.startswith("int8_g"):
+        return n * k + 4 * n * (k // int(scheme.split("_g")[1]))  # int8 values + an fp32 scale per group
     return _ELEM_BYTES.get(scheme, 4) * n * k
 
 
@@ -64,6 +69,9 @@ def _calibrated(spec: HardwareSpec, key: str, n: int, k: int) -> dict | None:
     cal = spec.linear.get(key)
     if cal is None and key.startswith("int4"):  # a quick calibration measures one group size: same kernel
         cal = next((v for name, v in spec.linear.items() if name.startswith("int4")), None)
+    if cal is None and key.startswith("int8_g") and "int8" in spec.linear:
+        # the same GEMV kernel plus one scale multiply per 16 inputs: per-channel rates, group-scale bytes
+        cal = spec.linear["int8"]
     if cal is None or "large" not in cal or not cal.get("numel"):
         return cal
     if n * k >= math.sqrt(cal["numel"] * cal["large"]["numel"]):

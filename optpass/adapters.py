@@ -65,6 +65,10 @@ class ModelAdapter:
         mask = (batch.kwargs or {}).get("attention_mask")
         return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
+    def output_tensors(self, output: Any) -> list[torch.Tensor]:
+        """Every tensor quality is measured on (each is compared with the reference's; the worst counts)."""
+        return [self.output_tensor(output)]
+
     def output_tensor(self, output: Any) -> torch.Tensor:
         """The tensor quality is measured on."""
         if isinstance(output, torch.Tensor):
@@ -192,8 +196,10 @@ class EncoderAdapter(ModelAdapter):
     def example_batch(self, model: nn.Module) -> Batch:
         return _padded_ids(model.config.vocab_size)
 
-    def capture_kwargs(self, batch: Batch) -> dict[str, Any]:
-        return {"return_dict": True}
+    def output_tensors(self, output: Any) -> list[torch.Tensor]:
+        """Token states and, where the model has a pooler, its pooled output: both are what users read."""
+        pooled = getattr(output, "pooler_output", None)
+        return [output.last_hidden_state] + ([pooled] if isinstance(pooled, torch.Tensor) else [])
 
     def data_batches(self, model: nn.Module, data: Any, purpose: str, example: Batch) -> tuple[list[Batch], str]:
         if data is not None:
@@ -224,8 +230,8 @@ class ClassifierAdapter(EncoderAdapter):
         return (type(model).__module__.startswith("transformers") and hasattr(config, "vocab_size")
                 and not hasattr(model, "generate") and _has_task_head(model))
 
-    def output_tensor(self, output: Any) -> torch.Tensor:
-        return output.logits if hasattr(output, "logits") else super().output_tensor(output)
+    def output_tensors(self, output: Any) -> list[torch.Tensor]:
+        return [output.logits if hasattr(output, "logits") else super().output_tensor(output)]
 
 
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

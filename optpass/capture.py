@@ -22,16 +22,20 @@ from optpass.sites import ModelGraph
 _DIM_LIMITS = {"B": (1, 1024), "S": (2, 1 << 17)}
 
 
-def _dynamic_shapes(adapter: ModelAdapter, batch: Batch, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+def _dynamic_shapes(adapter: ModelAdapter, batch: Batch, kwargs: dict[str, Any], model: nn.Module) -> dict[str, Any] | None:
     dims = adapter.dynamic_dims(batch)
     if not dims:
         return None
+    limits = dict(_DIM_LIMITS)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions >= 2:  # learned position tables bound the sequence (BERT: 512)
+        limits["S"] = (2, min(limits["S"][1], positions))
     made: dict[str, Dim] = {}
     spec: dict[str, Any] = {}
     for name in kwargs:
         spec[name] = None
         if name in dims:
-            spec[name] = {i: made.setdefault(d, Dim(d, min=_DIM_LIMITS[d][0], max=_DIM_LIMITS[d][1])) for i, d in dims[name].items()}
+            spec[name] = {i: made.setdefault(d, Dim(d, min=limits[d][0], max=limits[d][1])) for i, d in dims[name].items()}
     return spec
 
 
@@ -54,7 +58,7 @@ def _symbol_names(gm: fx.GraphModule, batch: Batch, adapter: ModelAdapter) -> di
 
 def _export(model: nn.Module, batch: Batch, adapter: ModelAdapter, dynamic: bool) -> fx.GraphModule:
     kwargs = {**(batch.kwargs or {}), **adapter.capture_kwargs(batch)}
-    shapes = _dynamic_shapes(adapter, batch, kwargs) if dynamic else None
+    shapes = _dynamic_shapes(adapter, batch, kwargs, model) if dynamic else None
     if shapes is not None and batch.args:
         shapes = None  # positional args with dims: keep it simple, export statically
     ep = torch.export.export(model, tuple(batch.args), kwargs, strict=False, dynamic_shapes=shapes)

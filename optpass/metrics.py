@@ -60,6 +60,8 @@ def psnr(ref: torch.Tensor, new: torch.Tensor, data_range: float | None = None, 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Sentence embeddings [B, H] from token states [B, S, H]: the mean over real tokens (sentence-transformers'
     default pooling)."""
+    if hidden.dim() == 2:  # already one vector per row (a pooler's output)
+        return hidden.float()
     if mask is None:
         return hidden.float().mean(1)
     m = mask.to(hidden.dtype)[..., None]

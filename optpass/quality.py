@@ -90,9 +90,11 @@ class QualityBudget:
 
     @classmethod
     def default_for(cls, kind: str) -> QualityBudget:
-        """Sensible defaults: LMs may lose at most 2% perplexity; continuous outputs keep PSNR >= 30 dB; sentence
-        encoders keep every pooled embedding at cosine >= 0.99; classifiers' logits KL <= 0.01."""
-        defaults = {"causal_lm": cls(max_ppl_increase=0.02), "diffusion_transformer": cls(min_psnr=30.0),
+        """Sensible defaults: LMs may lose at most 1% perplexity and 0.01 nats of KL per token (perplexity alone
+        let a Gemma-3 int8 plan through that matched fp32's greedy output on 31% of 16 tokens); continuous outputs
+        keep PSNR >= 30 dB; sentence encoders keep every pooled embedding at cosine >= 0.99; classifiers' logits
+        KL <= 0.01."""
+        defaults = {"causal_lm": cls(max_ppl_increase=0.01, max_kl=0.01), "diffusion_transformer": cls(min_psnr=30.0),
                     "encoder": cls(min_cosine=0.99), "classifier": cls(max_kl=0.01)}
         return defaults.get(kind, cls(max_rel_l2=0.05))
 
@@ -145,12 +147,18 @@ class QualityGuard:
         self.batches = batches
         self.budget = budget
         self.masks = [adapter.valid_mask(b) for b in batches]  # real tokens; padding is never scored
-        self.reference_outputs = self._outputs(reference)
+        self.reference_all = self._all_outputs(reference)
+        self.reference_outputs = [outs[0] for outs in self.reference_all]
         self.reference_metrics = self._absolute(self.reference_outputs)
 
     @torch.no_grad()
     def _outputs(self, model: nn.Module) -> list[torch.Tensor]:
-        return [self.adapter.output_tensor(b.run(model)).detach() for b in self.batches]
+        """The primary output per batch (the one perplexity and PSNR read)."""
+        return [outs[0] for outs in self._all_outputs(model)]
+
+    @torch.no_grad()
+    def _all_outputs(self, model: nn.Module) -> list[list[torch.Tensor]]:
+        return [[t.detach() for t in self.adapter.output_tensors(b.run(model))] for b in self.batches]
 
     def _labels(self, batch: Batch) -> torch.Tensor | None:
         return (batch.kwargs or {}).get("input_ids")
@@ -164,19 +172,21 @@ class QualityGuard:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metrics of `model` vs the reference on real tokens; `finite` is 0.0 when any output is NaN/inf."""
-        outputs = self._outputs(model)
-        metrics: dict[str, float] = {"finite": float(all(torch.isfinite(o).all() for o in outputs))}
+        every = self._all_outputs(model)
+        outputs = [outs[0] for outs in every]
+        metrics: dict[str, float] = {"finite": float(all(torch.isfinite(o).all() for outs in every for o in outs))}
         triples = list(zip(self.reference_outputs, outputs, self.masks))
+        all_triples = [(r, n, m) for refs, news, m in zip(self.reference_all, every, self.masks) for r, n in zip(refs, news)]
         wanted = self.adapter.metrics
         if "kl" in wanted:
             metrics["kl"] = sum(logits_kl(r, n, m) for r, n, m in triples) / len(triples)
             metrics["top1"] = sum(top1_agreement(r, n, m) for r, n, m in triples) / len(triples)
         if "rel_l2" in wanted:
-            metrics["rel_l2"] = max(rel_l2(r, n, m) for r, n, m in triples)
+            metrics["rel_l2"] = max(rel_l2(r, n, m) for r, n, m in all_triples)
         if "psnr" in wanted:
             metrics["psnr"] = min(psnr(r, n, mask=m) for r, n, m in triples)
         if "cosine" in wanted:
-            metrics["cosine"] = min(embedding_cosine(r, n, m) for r, n, m in triples)
+            metrics["cosine"] = min(embedding_cosine(r, n, m) for r, n, m in all_triples)
         absolute = self._absolute(outputs)
         if "perplexity" in absolute:
             metrics["perplexity"] = absolute["perplexity"]

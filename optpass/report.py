@@ -104,7 +104,7 @@ def _pct(x: float | None) -> str:
 
 
 def _quality(q: dict[str, float]) -> str:
-    keys = ("ppl_increase", "perplexity", "kl", "top1", "psnr", "rel_l2")
+    keys = ("ppl_increase", "perplexity", "kl", "top1", "cosine", "psnr", "rel_l2")
     parts = []
     for k in keys:
         if k in q:

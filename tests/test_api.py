@@ -96,7 +96,7 @@ def test_smollm2_exact_pass_keeps_generate(smollm2):
     assert torch.equal(out.generate(ids, max_new_tokens=12, do_sample=False), want)
     report = out.optpass_report
     assert report.capture["blocks"] == 30 and report.quality_reference["perplexity"] > 1
-    assert "pydoc_data" in report.notes[0]
+    assert any("pydoc_data" in note for note in report.notes)
 
 
 @pytest.mark.slow

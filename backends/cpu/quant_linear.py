@@ -132,7 +132,8 @@ def _workspace_gemm(x2d: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zer
 
 
 class Int8Linear(QuantizedLinear):
-    """Weight-only int8 (per output channel, symmetric); W8A8 dynamic above `w8a8_min_rows` rows."""
+    """Weight-only int8, symmetric per output channel or per group of `group_size` inputs (`scale` [N] or
+    [N, K / group_size]); W8A8 dynamic above `w8a8_min_rows` rows (per-channel scales only)."""
 
     decode_tensors = ("qweight", "scale")
 
@@ -140,9 +141,14 @@ class Int8Linear(QuantizedLinear):
                  act_dtype: torch.dtype = torch.bfloat16, w8a8_min_rows: int | None = None,
                  dequant_min_rows: int | None = None) -> None:
         super().__init__(q.shape[1], q.shape[0], bias, act_dtype)
-        # int8pack slows down with N: a vocabulary-sized head is faster dequantized from 16 rows, others from 32
+        self.group_size = q.shape[1] // scale.shape[1] if scale.dim() == 2 else 0
+        if self.group_size and w8a8_min_rows is not None:
+            raise ValueError("Int8Linear: W8A8 needs per-channel scales, not group scales")
+        # int8pack slows down with N: a vocabulary-sized head is faster dequantized from 16 rows, others from 32;
+        # group scales have no int8pack kernel, so rows above the GEMV's go straight to the dequantized GEMM
         big = q.numel() >= LARGE_WEIGHT
-        self.dequant_min_rows = dequant_min_rows if dequant_min_rows is not None else (16 if big else 32)
+        default_rows = gemv_ops.MAX_ROWS + 1 if self.group_size else (16 if big else 32)
+        self.dequant_min_rows = dequant_min_rows if dequant_min_rows is not None else default_rows
         self.register_buffer("qweight", q.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.w8a8_min_rows = w8a8_min_rows
@@ -150,25 +156,28 @@ class Int8Linear(QuantizedLinear):
         self.refresh_kernels()
 
     def refresh_kernels(self) -> None:
-        self.register_buffer("kernel_scale", self.scale.to(self.act_dtype), persistent=False)
+        self.register_buffer("kernel_scale", self.scale.to(self.act_dtype) if not self.group_size else None,
+                             persistent=False)
         t = self.qweight.t().contiguous() if self.w8a8_min_rows else None
         self.register_buffer("qweight_t", t, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, act_dtype: torch.dtype = torch.bfloat16,
-                    w8a8_min_rows: int | None = None) -> Int8Linear:
-        q, scale = quantize_int8(linear.weight.detach())
+                    w8a8_min_rows: int | None = None, group_size: int | None = None) -> Int8Linear:
+        q, scale = quantize_int8(linear.weight.detach(), group_size)
         return cls(q, scale, linear.bias, act_dtype, w8a8_min_rows)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         rows = x2d.shape[0]
         if x2d.is_cuda:
+            if self.group_size:
+                return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
             return torch.ops.optpass.int8_weight_only_linear(x2d.to(self.act_dtype), self.qweight, self.scale, None)
         if rows <= gemv_ops.MAX_ROWS and self.use_gemv:
             return torch.ops.optpass.gemv_int8(x2d.float(), self.qweight, self.scale)
         if self.w8a8_min_rows is not None and rows >= self.w8a8_min_rows:
             return self._w8a8(x2d)
-        if _use_dequant(rows, self.dequant_min_rows, self.act_dtype):
+        if self.group_size or _use_dequant(rows, self.dequant_min_rows, self.act_dtype):
             return self._dequantized_matmul(x2d)
         return aten._weight_int8pack_mm(x2d.to(self.act_dtype), self.qweight, self.kernel_scale)
 
@@ -183,7 +192,10 @@ class Int8Linear(QuantizedLinear):
         return dequantize_int8(self.qweight, self.scale)
 
     def workspace_args(self) -> tuple[torch.Tensor | None, int]:
-        return None, 0
+        return None, self.group_size
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", group_size={self.group_size}" if self.group_size else "")
 
 
 class Int4Linear(QuantizedLinear):

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from optpass.backends.kv.layer import CompressedLayer
+from optpass.backends.kv.layer import CompressedLayer, OptpassLayer
+from optpass.backends.kv.ring import RingLayer
 from optpass.errors import ConfigError, UnsupportedModelError
 from optpass.backends.kv.policies import get_policy
 from optpass.hf_compat import FULL, SLIDING, LayerKind, layer_kinds
 
-SLIDING_WINDOW = 32  # full-precision recent tokens of a sliding layer's ring (the rest are packed slots)
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,6 @@ def _kinds(model_config: Any) -> list[LayerKind]:
     return kinds
 
 
-def sliding_layer(window: int, bits: int | None, layer_idx: int) -> CompressedLayer:
-    """A ring holding exactly the model's last `window` tokens: recency scores, no sinks."""
-    recent = min(SLIDING_WINDOW, max(window // 2, 1))
-    return CompressedLayer(window - recent, recent, 0, bits, get_policy("streaming"), None, layer_idx, sliding=True)
-
-
 class CompressedKVCache(Cache):
     """Layers are created at the first forward (when the prompt length fixes ratio budgets), or up front with
     `context` for a static-shape decode step. `model_config` is the model's config (its layer kinds decide
@@ -127,7 +121,7 @@ class CompressedKVCache(Cache):
         window, capacities = s.shapes(len(full), context) if full else (0, [])
         budget = dict(zip(full, capacities))
         self.layers = [CompressedLayer(budget[i], window, s.sink, s.bits, get_policy(s.policy), s.merge_threshold, i)
-                       if k.kind == FULL else sliding_layer(int(k.window), s.bits, i)
+                       if k.kind == FULL else RingLayer(int(k.window), s.bits, i)
                        for i, k in enumerate(self.kinds)]
         for layer in self.layers:
             layer.record = self.record
@@ -138,7 +132,7 @@ class CompressedKVCache(Cache):
             self.build(key_states.shape[2])
         return self.layers[layer_idx].update(key_states, value_states)
 
-    def layer(self, idx: int, prompt_len: int) -> CompressedLayer:
+    def layer(self, idx: int, prompt_len: int) -> OptpassLayer:
         if not self.layers:
             self.build(prompt_len)
         return self.layers[idx]
@@ -166,9 +160,21 @@ def static_cache(model_config: Any, max_cache_len: int) -> Cache:
     kinds = _kinds(model_config)
     if all(k.kind == FULL for k in kinds):
         return StaticCache(config=model_config, max_cache_len=max_cache_len)
-    return Cache(layers=[StaticLayer(max_cache_len) if k.kind == FULL else sliding_layer(int(k.window), None, i)
+    return Cache(layers=[StaticLayer(max_cache_len) if k.kind == FULL else RingLayer(int(k.window), None, i)
                          for i, k in enumerate(kinds)])
 
 
 def has_sliding_layers(model_config: Any) -> bool:
     return any(k.kind == SLIDING for k in _kinds(model_config))
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes a cache's layers allocated: optpass layers count every tensor they hold (packed slots, scales,
+    scores); transformers' layers their keys and values."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, OptpassLayer):
+            total += layer.nbytes()
+        else:
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+    return total

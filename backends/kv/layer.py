@@ -10,9 +10,7 @@ token leaving the window moves into the slot of the lowest-scored non-sink token
 it into its nearest neighbour), the new token enters the window, and attention runs over slots + window.
 Keys are stored after RoPE, so kept tokens keep their original positions.
 
-A sliding-window layer (Gemma-2/3, Mistral) is the same layer with recency scores, no sinks and
-`capacity + window` equal to the model's window: it keeps exactly the tokens the model's mask lets a query
-see, in a static ring that a compiled step can update.
+Sliding-window layers (Gemma-2/3, Mistral) need no scores: `backends/kv/ring.py`.
 """
 
 from __future__ import annotations
@@ -28,24 +26,17 @@ from optpass.backends.kv.policies.base import KVPolicy
 NEG = float("-inf")
 
 
-class CompressedLayer(CacheLayerMixin):
+class OptpassLayer(CacheLayerMixin):
+    """What every optpass cache layer shares: `update()` claims the attention call that follows (the layer
+    stores keys and values when it attends), the sizes transformers' masks are built with, a Python token count
+    for eager paths (`seen`) and a tensor one (`t`) for compiled steps. Subclasses set `storage_names` and
+    implement `allocate` and `attention`."""
+
     is_compileable = True
     is_sliding = False
+    storage_names: tuple[str, ...] = ()
+    store: SlotStore | None = None
 
-    def __init__(self, capacity: int, window: int, sink: int, bits: int | None, policy: KVPolicy,
-                 merge_threshold: float | None = None, layer_idx: int = 0, sliding: bool = False) -> None:
-        super().__init__()
-        self.capacity, self.window, self.sink, self.bits = capacity, window, sink, bits
-        self.layer_idx = layer_idx
-        self.is_sliding = sliding
-        self.policy = policy
-        self.merge_threshold = merge_threshold
-        self.seen = 0  # tokens processed (python int, eager paths only; the compiled step uses self.t)
-        self.store: SlotStore | None = None
-        self.record = False  # keep the prompt's (q, k, v, valid) so other budgets can be replayed from it
-        self.prompt: tuple | None = None
-
-    # -- HF CacheLayerMixin surface --------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         self.allocate(b, h, d, key_states.dtype, key_states.device)
@@ -71,13 +62,49 @@ class CompressedLayer(CacheLayerMixin):
         return self.seen + query_length, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("optpass's compressed KV cache does not support beam search")
+        raise NotImplementedError("optpass's KV cache layers do not support beam search")
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_max_length(self) -> int:
         return -1
+
+    def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the layer allocated (for byte counts and for export, which lifts them to buffers)."""
+        assert self.store is not None
+        own = {n: getattr(self, n) for n in self.storage_names}
+        return {**{f"store_{k}": v for k, v in self.store.tensors().items()}, **own}
+
+    def bind(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Point the layer at `tensors` (same names as `tensors()`), e.g. an exported module's buffers."""
+        for name, value in tensors.items():
+            if name.startswith("store_"):
+                setattr(self.store, name[len("store_"):], value)
+            else:
+                setattr(self, name, value)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values()) if self.store is not None else 0
+
+
+class CompressedLayer(OptpassLayer):
+    storage_names = ("score", "age", "win_keys", "win_values", "win_score", "win_age", "sink_end", "t")
+
+    def __init__(self, capacity: int, window: int, sink: int, bits: int | None, policy: KVPolicy,
+                 merge_threshold: float | None = None, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.capacity, self.window, self.sink, self.bits = capacity, window, sink, bits
+        self.layer_idx = layer_idx
+        self.policy = policy
+        self.merge_threshold = merge_threshold
+        self.seen = 0  # tokens processed (python int, eager paths only; the compiled step uses self.t)
+        self.store: SlotStore | None = None
+        self.record = False  # keep the prompt's (q, k, v, valid) so other budgets can be replayed from it
+        self.prompt: tuple | None = None
 
     def reset(self) -> None:
         self.seen = 0
@@ -99,23 +126,6 @@ class CompressedLayer(CacheLayerMixin):
         self.t = torch.zeros((), dtype=torch.long, device=device)
         self.keys = self.values = None  # HF code checks these; our data lives in the store
         self.is_initialized = True
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor the layer allocated (for byte counts and for export, which lifts them to buffers)."""
-        assert self.store is not None
-        own = {n: getattr(self, n) for n in ("score", "age", "win_keys", "win_values", "win_score", "win_age", "sink_end", "t")}
-        return {**{f"store_{k}": v for k, v in self.store.tensors().items()}, **own}
-
-    def bind(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Point the layer at `tensors` (same names as `tensors()`), e.g. an exported module's buffers."""
-        for name, value in tensors.items():
-            if name.startswith("store_"):
-                setattr(self.store, name[len("store_"):], value)
-            else:
-                setattr(self, name, value)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values()) if self.store is not None else 0
 
     # -- attention ---------------------------------------------------------------------------------------------
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

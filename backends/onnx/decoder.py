@@ -118,14 +118,44 @@ class KVDecoder(nn.Module):
         return [torch.zeros(batch, spec.num_kv_heads, length, spec.head_dim) for _ in range(2 * spec.num_layers)]
 
 
+EXPORTABLE = ("llama",)  # model types whose math KVDecoder writes out (tested against the PyTorch model)
+
+
+def _unsupported_parts(model: nn.Module) -> list[str]:
+    """What of `model` KVDecoder's Llama math would compute wrongly, named (empty: exportable)."""
+    from optpass.hf_compat import FULL, layer_kinds
+
+    config = model.config
+    parts = []
+    if any(k.kind != FULL for k in layer_kinds(config)):
+        parts.append("sliding-window attention layers")
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if names & {"q_norm", "k_norm"}:
+        parts.append("q/k norms")
+    if getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu") != "silu":
+        parts.append(f"activation {getattr(config, 'hidden_activation', None) or config.hidden_act}")
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        parts.append("logit softcapping")
+    if getattr(config, "attention_bias", False):
+        parts.append("attention biases")
+    if config.model_type not in EXPORTABLE:
+        parts.append(f"model type {config.model_type!r} (exportable: {', '.join(EXPORTABLE)})")
+    return parts
+
+
 def decoder_spec(model: nn.Module) -> DecoderSpec:
-    """Read the decoder's shape from a HF Llama-family config; other architectures get a clear error."""
+    """Read the decoder's shape from a HF Llama-family config; other architectures get a clear error naming
+    the parts the exporter does not write out."""
     config = getattr(model, "config", None)
     inner = getattr(model, "model", None)
     if config is None or inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         raise UnsupportedModelError(
             f"ONNX export: {type(model).__name__} is not a Llama-family causal LM (needs .model.layers, "
             ".model.rotary_emb and a config); export other models with torch.onnx.export directly")
+    parts = _unsupported_parts(model)
+    if parts:
+        raise UnsupportedModelError(f"ONNX export: {type(model).__name__} has {'; '.join(parts)}, which the Llama "
+                                    "decode graph does not implement; export it with torch.onnx.export directly")
     layer = inner.layers[0]
     missing = [n for n in _PROJECTIONS if not hasattr(layer.self_attn, n)] + [n for n in _MLP if not hasattr(layer.mlp, n)]
     if missing:

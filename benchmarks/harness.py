@@ -2,7 +2,8 @@
 
 A scenario is a list of `Variant`s. Each variant builds its state once (`setup`), then every round
 runs every variant's `measure` in turn, starting one variant later each round (so machine drift and
-neighbour effects hit all alike); `quality` runs once.
+neighbour effects hit all alike): `optpass.measure.interleaved_rounds`, the protocol the report's own timing
+uses; `quality` runs once.
 Results go to `benchmarks/results/<scenario>.json` and `.md` with the machine and the command.
 """
 
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from optpass.measure import interleaved_rounds
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -62,13 +65,11 @@ def run_scenario(name: str, variants: list[Variant], rounds: int = 5, warmup: in
             v.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         print(f"[bench] setup {v.name}: {'ok' if not v.error else v.error} ({time.perf_counter() - t0:.1f}s)",
               file=sys.stderr, flush=True)
-    for r in range(rounds):
-        # the starting variant rotates each round: no variant always runs right after the same neighbour (whose
-        # allocations and cache footprint it would inherit every time)
-        for v in live[r % len(live):] + live[:r % len(live)] if live else []:
-            for key, value in v.measure(v.state).items():
-                v.samples.setdefault(key, []).append(value)
-        print(f"[bench] round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    samples = interleaved_rounds({v.name: (lambda v=v: v.measure(v.state)) for v in live}, rounds, warmup=0,
+                                 on_round=lambda r: print(f"[bench] round {r + 1}/{rounds} done", file=sys.stderr,
+                                                          flush=True))
+    for v in live:
+        v.samples = samples[v.name]
     rows = []
     for v in variants:
         row: dict[str, Any] = {"variant": v.name, "note": v.note}

@@ -16,6 +16,7 @@ import json
 import resource
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import Variant, run_scenario  # noqa: E402
-from optpass.backends.decode import StaticDecoder  # noqa: E402
 from optpass.backends.kv import CompressedKVCache, KVSettings, enable_compressed_attention  # noqa: E402
 from optpass.backends.kv.cache import cache_nbytes  # noqa: E402
+from optpass.backends.runtime import DecodeEngine, DecodePlan  # noqa: E402
 from optpass.corpus import token_windows  # noqa: E402
 from optpass.hf_compat import with_cache  # noqa: E402
 from optpass.models import load_gemma3_270m, load_smollm2  # noqa: E402
@@ -55,21 +56,20 @@ def int8_model(name: str = "smollm2") -> Any:
     return quantized, tok
 
 
-def kv_bytes(decoder: StaticDecoder) -> int:
-    return cache_nbytes(decoder.cache)
+def variant(model: Any, prompt: torch.Tensor, arm: str, context: int, compile: bool = True) -> Variant:
+    """The arm through optpass's decode runtime, exactly as the kv_cache pass's plan would install it."""
+    settings = ARMS[arm]
 
+    def setup() -> DecodeEngine:
+        return DecodeEngine(model, DecodePlan(compiled_step=True, max_cache_len=context,
+                                              kv=None if settings is None else asdict(settings)),
+                            compile=compile)
 
-def variant(model: Any, prompt: torch.Tensor, arm: str, context: int) -> Variant:
-    def setup() -> StaticDecoder:
-        decoder = StaticDecoder(model, max_cache_len=context)
-        decoder.kv_settings = ARMS[arm]
-        return decoder
-
-    def measure(decoder: StaticDecoder) -> dict[str, float]:
-        decoder.generate(prompt, NEW)
-        t = decoder.last_timing
+    def measure(engine: DecodeEngine) -> dict[str, float]:
+        engine.generate(prompt, NEW)
+        t = engine.last_timing
         return {"decode_tok_s": t["decode_steps"] / t["decode_s"], "prefill_s": t["prefill_s"],
-                "kv_MiB": kv_bytes(decoder) / 2**20}
+                "kv_MiB": cache_nbytes(engine.cache) / 2**20}
 
     return Variant(f"{arm} @ {context}", setup, measure, note="")
 
@@ -105,10 +105,7 @@ def main() -> None:
         [("full", 2048), ("snapkv-int8@0.25", 2048), ("full", 4096), ("snapkv-int8@0.25", 4096)]
     plan += [(arm, 4096) for arm in args.extra_arms]  # each compressed arm costs ~8 min of C++ compile here
     prompts = {c: token_windows(tok, window=c - NEW, count=1, offset_windows=2) for c in {c for _, c in plan}}
-    variants = [variant(model, prompts[c], arm, c) for arm, c in plan]
-    if args.quick:
-        for v in variants:  # no compile in quick mode
-            v.setup = (lambda s: (lambda: (d := s(), setattr(d, "_compile", False), d)[-1]))(v.setup)
+    variants = [variant(model, prompts[c], arm, c, compile=not args.quick) for arm, c in plan]
     extra: dict[str, Any] = {"new_tokens": NEW}
     if args.peak_memory:
         extra["peak_memory_4k"] = {}

@@ -149,6 +149,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path
         "target": plan.target if plan is not None else None,
         "base": base,
         "passes": passes,
+        "runtime": _runtime_record(model),
         "weights": {WEIGHTS_FILE: {"sha256": _sha256(weights), "tensors": len(tensors)}},
         "aliases": aliases,
     }
@@ -199,6 +200,39 @@ def _read_weights(directory: Path, state: dict[str, Any]) -> dict[str, torch.Ten
     return tensors
 
 
+def _runtime_record(model: nn.Module) -> dict[str, Any] | None:
+    from optpass.backends.runtime import runtime_plan
+
+    plan = runtime_plan(model)
+    return plan.to_dict() if plan is not None else None
+
+
+def _install_runtime(model: nn.Module, state: dict[str, Any], state_path: Path) -> None:
+    """The decode runtime the checkpoint records (older checkpoints: derived from the passes' own records)."""
+    from optpass.backends.runtime import DecodePlan, install_runtime
+
+    record = state.get("runtime")
+    try:
+        plan = DecodePlan.from_dict(record) if record else _legacy_plan(state)
+    except (TypeError, ConfigError) as e:
+        raise CheckpointError(f"{state_path}: runtime record: {e}") from e
+    install_runtime(model, plan)
+
+
+def _legacy_plan(state: dict[str, Any]) -> Any:
+    """Format-1 checkpoints kept fast decode in the quantize record and KV settings in the kv_cache record."""
+    from optpass.backends.runtime import DecodePlan
+
+    plan = DecodePlan()
+    for record in state.get("passes", []):
+        s = record.get("state", {})
+        if record.get("name") == "quantize" and s.get("fast_decode"):
+            plan = plan.merge("quantize", {"compiled_step": True, "max_cache_len": int(s.get("max_cache_len", 1024))})
+        if record.get("name") == "kv_cache" and s.get("settings"):
+            plan = plan.merge("kv_cache", {"kv": s["settings"]})
+    return plan
+
+
 def _restore_passes(model: nn.Module, state: dict[str, Any], state_path: Path) -> nn.Module:
     from optpass.registry import get_pass
 
@@ -247,5 +281,6 @@ def load(directory: str | Path) -> nn.Module:
     _check_tensors(model, tensors, directory / WEIGHTS_FILE)
     model.load_state_dict(tensors, strict=True)
     model.eval()
+    _install_runtime(model, state, state_path)
     model.optpass_checkpoint = state
     return model

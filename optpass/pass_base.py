@@ -93,6 +93,9 @@ class PassResult:
     sites: tuple[str, ...] = ()
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    # what the pass adds to generation (`DecodePlan` fields: a compiled step, a compressed cache layout, ...);
+    # the pass manager merges the applied passes' parts and one runtime is installed after all passes
+    runtime: dict[str, Any] = field(default_factory=dict)
 
 
 class Pass(ABC):
@@ -124,7 +127,8 @@ class Pass(ABC):
 
     def saved_state(self, model: nn.Module) -> dict[str, Any]:
         """JSON-able record of what this pass did to `model` beyond its weights (module layout, calibrated
-        thresholds, KV budgets, skipped layers), written into a checkpoint's `optpass_state.json`."""
+        thresholds, skipped layers), written into a checkpoint's `optpass_state.json`. What it contributed to
+        generation is recorded once for all passes, as the runtime's `DecodePlan`."""
         return {}
 
     def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:

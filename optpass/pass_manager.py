@@ -1,5 +1,6 @@
 """The pass manager: order the planned passes by their declared constraints, apply each on a private
-copy, verify it, and keep it only if verification and the quality budget pass (else roll it back).
+copy, verify it, and keep it only if verification and the quality budget pass (else roll it back); then
+install the one decode runtime the applied passes' contributions describe (`backends/runtime/`).
 
 Copy-then-commit (as onnx-ir's pass wrapper does) makes rollback trivial and keeps the caller's
 model untouched: a failed or over-budget pass is simply discarded, and the report says why.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from typing import Any
 
 import networkx as nx
 from torch import nn
@@ -49,6 +51,17 @@ def order_steps(steps: list[PlanStep]) -> list[PlanStep]:
     return [by_name[n] for n in order]
 
 
+def decode_plan(records: list[PassRecord]) -> Any:
+    """The `DecodePlan` the applied passes' runtime contributions add up to, in execution order."""
+    from optpass.backends.runtime import DecodePlan
+
+    plan = DecodePlan()
+    for record in records:
+        if record.status == "applied" and record.runtime:
+            plan = plan.merge(record.name, record.runtime)
+    return plan
+
+
 class PassManager:
     """Runs a plan: for each step, copy -> apply -> verify -> commit or roll back."""
 
@@ -69,6 +82,10 @@ class PassManager:
             records.append(record)
             if kept is not None:
                 current = kept
+        if any(r.runtime for r in records) and current is not model:
+            from optpass.backends.runtime import install_runtime
+
+            install_runtime(current, decode_plan(records))
         return current, records
 
     def _run_step(self, current: nn.Module, step: PlanStep, context: ApplyContext) -> tuple[PassRecord, nn.Module | None]:
@@ -91,6 +108,7 @@ class PassManager:
             record.status, record.reason = "rolled_back", failure
             return record, None
         record.status = "applied"
+        record.runtime = dict(result.runtime)
         return record, result.model
 
     def _verify(self, model: nn.Module, record: PassRecord) -> str | None:

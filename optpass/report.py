@@ -31,6 +31,7 @@ class PassRecord:
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)  # what an applied pass contributed to generation
 
 
 @dataclass

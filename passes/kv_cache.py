@@ -5,12 +5,12 @@ recency, H2O heavy hitters, SnapKV observation window; optional D2O-style mergin
 (int8 / int4, KIVI layout) with a full-precision recent window. The cost model estimates a decode step at
 `config.context` tokens, so `auto` enables it only where the saved KV bytes beat the eviction work. `apply`
 measures the continuation quality of the compressed cache against the full one on corpus text and keeps
-the most aggressive keep ratio within the quality budget. Runtime: `backends/kv/`.
+the most aggressive keep ratio within the quality budget; the chosen settings go to the decode runtime
+(`PassResult.runtime`), which builds the cache for every `generate()`. Cache layers: `backends/kv/`.
 """
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from optpass.backends.kv.attention import support_reason
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.kv_cache import kv_estimate
 from optpass.errors import ConfigError
-from optpass.hf_compat import FULL, cache_kwarg, layer_kinds, with_cache
+from optpass.hf_compat import FULL, layer_kinds, with_cache
 from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig, PassResult
 from optpass.backends.kv.policies import POLICIES
 from optpass.backends.kv.policies.budgets import SCHEDULES, attention_density, schedule_weights
@@ -96,29 +96,6 @@ def _eval_windows(model: nn.Module, calibration: list[Any], context: int = EVAL_
     return torch.randint(0, model.config.vocab_size, (2, min(context, 256)), generator=g)
 
 
-def _kv_generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """`generate()` with a compressed cache unless the caller passes one; plain greedy calls on a model with
-    optpass's static decoder take its compiled fixed-budget path."""
-    from optpass.backends.decode import takes_static_path
-
-    decoder = getattr(self, "optpass_decoder", None)
-    if kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-        if decoder is not None and decoder.kv_settings is not None and takes_static_path(decoder, args, kwargs):
-            return self._optpass_inner_generate(*args, **kwargs)
-        kwargs[cache_kwarg(self)] = CompressedKVCache(self.optpass_kv, self.config)
-    return type(self).generate(self, *args, **kwargs)
-
-
-def install_kv_generate(model: nn.Module, settings: KVSettings) -> None:
-    model.optpass_kv = settings
-    inner = model.__dict__.get("generate")
-    model._optpass_inner_generate = inner if inner is not None else types.MethodType(type(model).generate, model)
-    decoder = getattr(model, "optpass_decoder", None)
-    if decoder is not None:
-        decoder.kv_settings = settings
-    model.generate = types.MethodType(_kv_generate, model)
-
-
 @register_pass
 class KVCachePass(Pass):
     name = "kv_cache"
@@ -171,21 +148,17 @@ class KVCachePass(Pass):
             return PassResult(self.name, model, False, reason=f"no keep ratio in {list(tried)} meets the quality budget "
                               f"({'; '.join(budget.violations(tried[list(tried)[-1]]))})", details=details)
         settings = cfg.settings(chosen_keep, weights)
-        install_kv_generate(model, settings)
         details["settings"] = _settings_dict(settings)
         details["layers"] = {"compressed (full attention)": len(full), "sliding window (bounded, packed)": len(kinds) - len(full)}
-        return PassResult(self.name, model, True, paths, details=details)
+        return PassResult(self.name, model, True, paths, details=details, runtime={"kv": _settings_dict(settings)})
 
     def saved_state(self, model: nn.Module) -> dict[str, Any]:
-        return {"settings": _settings_dict(model.optpass_kv)} if hasattr(model, "optpass_kv") else {}
+        return {"attention": model.config._attn_implementation}
 
     def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
-        if "settings" in state:
-            enable_compressed_attention(model)
-            data = dict(state["settings"])
-            if data.get("layer_weights") is not None:
-                data["layer_weights"] = tuple(data["layer_weights"])
-            install_kv_generate(model, KVSettings(**data))
+        """The compressed cache is the runtime's (recorded in the checkpoint's decode plan); attention must
+        route through optpass's function for its layers to attend."""
+        enable_compressed_attention(model)
         return model
 
 

@@ -5,7 +5,7 @@ Sites come from the captured graph in two decision groups: the blocks' linears, 
 decision, since quantizing it moves quality most). For each group the cost model ranks the schemes; under a
 quality guard, `apply` keeps the most aggressive scheme whose measured quality stays within the budget
 (e.g. int4 blocks with an int8 head). Optional activation-aware scaling (AWQ, Lin et al. 2024) runs first
-for int4. Causal LMs also get the compiled static-shape greedy decode (`backends/decode.py`).
+for int4. Causal LMs also ask the decode runtime for a compiled static-shape step (`backends/runtime/`).
 """
 
 from __future__ import annotations
@@ -129,26 +129,20 @@ class QuantizePass(Pass):
                     not_kept.setdefault(cand.label, f"{groups[group]['kept']} was kept first")
         decisions: dict[str, Any] = {**groups, **notes, "not_kept": not_kept}
         _tie_embedding(model)
+        runtime = {}
         if self.config.fast_decode and hasattr(model, "generate") and hasattr(model, "config"):
-            from optpass.backends.decode import install_fast_generate
-
-            install_fast_generate(model, self.config.max_cache_len)
+            runtime = {"compiled_step": True, "max_cache_len": self.config.max_cache_len}
             decisions["fast_decode"] = f"static cache {self.config.max_cache_len}, compiled on first generate()"
-        return PassResult(self.name, model, True, tuple(sites), details=decisions)
+        return PassResult(self.name, model, True, tuple(sites), details=decisions, runtime=runtime)
 
     def saved_state(self, model: nn.Module) -> dict[str, Any]:
-        """The quantized-module layout (scheme, shapes, group size per path) and whether fast decode is on."""
-        return {"modules": quantized_modules(model), "fast_decode": hasattr(model, "optpass_decoder"),
-                "max_cache_len": self.config.max_cache_len}
+        """The quantized-module layout (scheme, shapes, group size per path)."""
+        return {"modules": quantized_modules(model)}
 
     def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
         """Empty quantized modules at the recorded paths (tensors come from the checkpoint), no recalibration."""
         rebuild_quantized(model, state.get("modules", {}))
         _tie_embedding(model)
-        if state.get("fast_decode") and hasattr(model, "generate"):
-            from optpass.backends.decode import install_fast_generate
-
-            install_fast_generate(model, int(state.get("max_cache_len", self.config.max_cache_len)))
         return model
 
     def rewrite_graph(self, gm: fx.GraphModule, chosen: list[Candidate]) -> PassResult:

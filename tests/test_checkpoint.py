@@ -49,7 +49,7 @@ def test_tiny_round_trip_same_outputs_and_layout(tiny_ckpt):
     loaded = optpass.load(out)
     assert isinstance(loaded.model.layers[0].mlp.down_proj, Int4Linear)
     assert isinstance(loaded.lm_head, Int8Linear)
-    assert hasattr(loaded, "optpass_decoder")  # fast decode re-installed by QuantizePass.restore
+    assert loaded.optpass_runtime.plan.compiled_step  # the decode runtime the checkpoint records
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from optpass.backends.decode import StaticDecoder
+from optpass.backends.runtime import DecodeEngine, DecodePlan
 from optpass.backends.kv import CompressedKVCache, KVSettings, enable_compressed_attention
 from optpass.backends.kv.export import FixedBudgetDecodeStep
 from optpass.backends.kv.layer import CompressedLayer
@@ -168,11 +168,12 @@ def test_static_decoder_with_compressed_cache_matches_the_hf_path(model):
     ids = _ids(100, seed=3)
     settings = KVSettings(policy="h2o", keep=40, window=8, bits=8)
     hf = model.generate(ids, max_new_tokens=20, do_sample=False, cache=CompressedKVCache(settings, 2))
-    decoder = StaticDecoder(model, compile=False)
-    decoder.kv_settings = settings
-    # the decoder's budget follows the 256-token context bucket; a token budget is the same in both
-    assert torch.equal(decoder.generate(ids, 20), hf)
-    assert torch.equal(decoder.generate(ids, 20), hf), "a second call reuses and resets the same cache"
+    from dataclasses import asdict
+
+    engine = DecodeEngine(model, DecodePlan(kv=asdict(settings)), compile=False)
+    # the engine's budget follows the 256-token context bucket; a token budget is the same in both
+    assert torch.equal(engine.generate(ids, 20), hf)
+    assert torch.equal(engine.generate(ids, 20), hf), "a second call reuses and resets the same cache"
 
 
 def test_fixed_budget_decode_step_exports_and_runs(model):
@@ -222,7 +223,9 @@ def test_kv_cache_pass_round_trips_through_a_checkpoint(tmp_path):
     assert record.status == "applied", record.reason
     optpass.save(optimized, tmp_path / "ckpt")
     loaded = optpass.load(tmp_path / "ckpt")
-    assert loaded.optpass_kv == optimized.optpass_kv
+    from optpass.backends.runtime import runtime_plan
+
+    assert runtime_plan(loaded).kv == runtime_plan(optimized).kv is not None
     ids = _ids(64, seed=4)
     assert torch.equal(loaded.generate(ids, max_new_tokens=12, do_sample=False),
                        optimized.generate(ids, max_new_tokens=12, do_sample=False))

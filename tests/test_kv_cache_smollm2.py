@@ -70,10 +70,10 @@ def test_kv_cache_pass_through_optimize(smollm2):
     assert record.status == "applied", record.reason
     quality = record.details["continuation_quality"]["0.5"]
     assert 0 <= quality["kl"] <= 0.5 and quality["top1"] > 0.5
-    assert optimized.optpass_kv.keep == 0.5
+    assert optimized.optpass_runtime.plan.kv["keep"] == 0.5
     ids = tok("The quick brown fox", return_tensors="pt").input_ids
     out = optimized.generate(ids, max_new_tokens=8, do_sample=False)  # a compressed cache is created per call
     assert out.shape == (1, ids.shape[1] + 8)
-    assert not hasattr(model, "optpass_kv"), "the caller's model is untouched"
+    assert not hasattr(model, "optpass_runtime"), "the caller's model is untouched"
     with pytest.raises(optpass.errors.ConfigError, match="outside"):
         KVCacheConfig(keep=1.5)

@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     new = out[0, ids.shape[1]:]
     print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
     applied = ", ".join(p["name"] for p in state.get("passes", [])) or "none"
-    how = "eager" if args.no_compile or not hasattr(model, "optpass_decoder") else "compiled decode, incl. compilation"
+    runtime = getattr(model, "optpass_runtime", None)
+    compiled = runtime is not None and runtime.engine is not None and runtime.fast_calls > 0
+    how = "compiled decode, incl. compilation" if compiled and not args.no_compile else "eager"
     print(f"[optpass run] {new.numel()} tokens in {seconds:.2f}s ({how}; passes: {applied})", file=sys.stderr)
     return 0
 

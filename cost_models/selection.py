@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optpass.pass_base import Candidate
+from typing import Any
+
+from torch import nn
+
+from optpass.pass_base import Alternatives, Candidate, Option, Outcome
 
 DEFAULT_ERROR_BAND = 0.05  # relative; used when no target band is given
 OBJECTIVES = ("latency", "memory")
@@ -60,3 +64,35 @@ def band_for(spec: object) -> tuple[float, str]:
     if getattr(spec, "calibrated", False):
         return band, "calibrated error band"
     return band, "error band of the uncalibrated (ordering-only) spec"
+
+
+def fastest_first(candidates: list[Candidate]) -> list[Candidate]:
+    """Alternatives for one decision in the order to try them: the largest predicted latency saving first."""
+    return sorted(candidates, key=lambda c: c.estimate.d_latency if c.estimate else 0.0)
+
+
+def choose_within_budget(model: nn.Module, decisions: list[Alternatives], guard: Any
+                         ) -> tuple[dict[str, Option | None], dict[str, list[Outcome]]]:
+    """Per decision, apply its options in order and keep the first whose measured quality is within the
+    guard's budget, undoing each one that is not. An option is measured when it brings its own `measure` or
+    when there is an alternative to compare (a lone option is judged with the whole pass by the manager)."""
+    kept: dict[str, Option | None] = {}
+    outcomes: dict[str, list[Outcome]] = {}
+    for decision in decisions:
+        tried = outcomes.setdefault(decision.name, [])
+        kept[decision.name] = None
+        for option in decision.options:
+            undo = option.apply(model)
+            if option.measure is None and (guard is None or len(decision.options) == 1):
+                tried.append(Outcome(option.label, "kept (no alternative to compare)"))
+                kept[decision.name] = option
+                break
+            metrics = option.measure(model) if option.measure is not None else guard.evaluate(model)
+            problems = guard.check(metrics) if guard is not None else []
+            tried.append(Outcome(option.label, f"over budget: {'; '.join(problems)}" if problems else "within budget",
+                                 metrics))
+            if not problems:
+                kept[decision.name] = option
+                break
+            undo()
+    return kept, outcomes

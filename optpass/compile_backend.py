@@ -16,7 +16,6 @@ Inductor's freezing does: updating a parameter afterwards needs `torch._dynamo.r
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -24,14 +23,13 @@ import torch
 from torch import fx, nn
 
 from optpass.errors import ConfigError, OptpassError
-from optpass.indexing import LINEAR_TARGETS, _consumers_through_views
+from optpass.indexing import VALUE_META, index_graph
 from optpass.pass_base import Pass
-from optpass.sites import LinearSite, ModelGraph
+from optpass.sites import ModelGraph
 
 QUANTIZED_KERNELS = ("gemv_int8", "_weight_int8pack_mm", "_weight_int4pack_mm", "int8_weight_only_linear",
                      "int4_weight_only_linear", "_int_mm")
 DEFAULT_QUANTIZE = {"weights": "int8", "lm_head": "keep", "fast_decode": False}
-_BLOCK = re.compile(r"\.(\d+)(\.|$)")
 
 
 @dataclass
@@ -69,8 +67,6 @@ def last_report() -> BackendReport | None:
 
 def _mark_constants(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
     """Dynamo lifts parameters to placeholders; record their real tensors so a rewrite can read them."""
-    from optpass.passes.quantize_graph import VALUE_META
-
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, example_inputs):
         if isinstance(value, nn.Parameter):
@@ -78,36 +74,27 @@ def _mark_constants(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
 
 
 def _unmark(gm: fx.GraphModule) -> None:
-    from optpass.passes.quantize_graph import VALUE_META
-
     for node in gm.graph.nodes:
         node.meta.pop(VALUE_META, None)
 
 
 def graph_sites(gm: fx.GraphModule, example_inputs: list[Any]) -> ModelGraph:
-    """A `ModelGraph` of a dynamo graph: its constant-weight linear calls, input shapes, parameter count."""
-    from optpass.passes.quantize_graph import VALUE_META, constant_value, linear_path
+    """A `ModelGraph` of a dynamo graph, indexed by the same `index_graph` as `optimize()`'s captures (blocks
+    from the module stacks dynamo records), plus its parameter count and input shapes."""
+    from optpass.indexing import linear_operands
+    from optpass.passes.quantize_graph import constant_value
 
     graph = ModelGraph(graph_module=gm, method="dynamo")
-    outputs = {n for n in gm.graph.nodes if n.op == "output"}
+    index_graph(None, gm, graph)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    # only linears over a constant weight can be rewritten here (a computed weight is an already-quantized layer)
+    graph.linears = [s for s in graph.linears
+                     if (w := constant_value(linear_operands(nodes[s.node])[1], gm)) is not None and w.dim() == 2]
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            value = node.meta.get(VALUE_META)
-            if value is not None:
-                graph.num_params += value.numel()
-                graph.param_bytes += value.numel() * value.element_size()
-        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
-            continue
-        weight = constant_value(node.args[1], gm)
-        if weight is None or weight.dim() != 2:
-            continue
-        path = linear_path(node)
-        block = _BLOCK.search(path)
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        head = block is None and any(u in outputs for u in _consumers_through_views(node))
-        graph.linears.append(LinearSite(path, node.name, int(weight.shape[1]), int(weight.shape[0]),
-                                        str(weight.dtype).replace("torch.", ""), bias is not None,
-                                        int(block.group(1)) if block else None, head))
+        value = node.meta.get(VALUE_META) if node.op == "placeholder" else None
+        if value is not None:
+            graph.num_params += value.numel()
+            graph.param_bytes += value.numel() * value.element_size()
     inputs = [(n.name, v) for n, v in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)
               if isinstance(v, torch.Tensor) and VALUE_META not in n.meta and v.dim() >= 2]
     graph.example_shapes = {name: tuple(v.shape) for name, v in inputs[:1]}

@@ -54,19 +54,25 @@ def _shape(node: object) -> tuple[str, ...]:
     return tuple(str(d) for d in val.shape)
 
 
-def _find_blocks(model: nn.Module, used_paths: set[str]) -> list[tuple[str, nn.Module]]:
-    """The repeated blocks: the largest ModuleList whose members share a class and run in the graph."""
-    best: list[tuple[str, nn.Module]] = []
-    for path, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+def _find_blocks(modules: dict[str, str], used_paths: set[str], lists: set[str] | None = None) -> list[tuple[str, str]]:
+    """The repeated blocks, as (path, class name): the largest family of numbered siblings `P.0 .. P.n-1`
+    (n >= 2) sharing a class, every one of which runs in the graph. `modules` maps paths to class names (from
+    the model, or from the graph's module stacks when only a dynamo graph is at hand); `lists`, when known,
+    are the paths that are `nn.ModuleList`s, the only parents allowed."""
+    families: dict[str, dict[int, str]] = defaultdict(dict)
+    for path, cls in modules.items():
+        parent, _, last = path.rpartition(".")
+        if last.isdigit() and (lists is None or parent in lists):
+            families[parent][int(last)] = cls
+    best: list[tuple[str, str]] = []
+    for parent, members in families.items():
+        if len(members) < 2 or sorted(members) != list(range(len(members))) or len(set(members.values())) != 1:
             continue
-        members = [(f"{path}.{i}" if path else str(i), m) for i, m in enumerate(module)]
-        if len({type(m) for _, m in members}) != 1:
+        named = [(f"{parent}.{i}" if parent else str(i), members[i]) for i in range(len(members))]
+        if not all(any(p == name or p.startswith(name + ".") for p in used_paths) for name, _ in named):
             continue
-        if not all(any(p == name or p.startswith(name + ".") for p in used_paths) for name, _ in members):
-            continue
-        if len(members) > len(best):
-            best = members
+        if len(named) > len(best):
+            best = named
     return best
 
 
@@ -98,9 +104,20 @@ def _upstream_linear(node: fx.Node, limit: int = 12) -> fx.Node | None:
     return None
 
 
+# where the compile backend records the real tensor behind a dynamo placeholder lifted from a parameter
+VALUE_META = "optpass_value"
+
+
+def _weight_value(weight: object) -> torch.Tensor | None:
+    value = weight.meta.get(VALUE_META) if isinstance(weight, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def _weight_shape(weight: object, gm: fx.GraphModule) -> tuple[int, ...] | None:
     if not isinstance(weight, fx.Node):
         return None
+    if _weight_value(weight) is not None:
+        return tuple(_weight_value(weight).shape)
     if "val" in weight.meta and hasattr(weight.meta["val"], "shape"):
         return tuple(weight.meta["val"].shape)
     if weight.op == "get_attr":
@@ -120,7 +137,7 @@ def linear_operands(node: fx.Node) -> tuple[object, object, object, bool]:
     return node.args[0], node.args[1], bias, False
 
 
-def _linear_site(node: fx.Node, model: nn.Module, gm: fx.GraphModule, block: int | None,
+def _linear_site(node: fx.Node, model: nn.Module | None, gm: fx.GraphModule, block: int | None,
                  output_nodes: set[fx.Node], ties: dict) -> LinearSite:
     stack = module_stack(node)
     path = stack[-1] if stack else node.name
@@ -132,7 +149,7 @@ def _linear_site(node: fx.Node, model: nn.Module, gm: fx.GraphModule, block: int
     if wshape is not None and transposed:
         wshape = (wshape[1], wshape[0])
     out_f, in_f = (int(wshape[0]), int(wshape[1])) if wshape is not None else (0, 0)
-    weight_param = getattr(module, "weight", None)
+    weight_param = getattr(module, "weight", None) if module is not None else _weight_value(weight)
     dtype = str(weight_param.dtype).replace("torch.", "") if isinstance(weight_param, torch.Tensor) else "unknown"
     feeds_output = any(u in output_nodes for u in _consumers_through_views(node))
     return LinearSite(
@@ -172,11 +189,13 @@ def _is_weight(node: object, gm: fx.GraphModule) -> bool:
         return False
     if node.op == "get_attr":
         return len(_weight_shape(node, gm) or ()) == 2
-    val = node.meta.get("val")
+    val = node.meta.get("val") if _weight_value(node) is None else _weight_value(node)
     return node.op == "placeholder" and isinstance(val, torch.nn.Parameter) and val.dim() == 2
 
 
-def _get(model: nn.Module, path: str) -> nn.Module | None:
+def _get(model: nn.Module | None, path: str) -> nn.Module | None:
+    if model is None:
+        return None
     try:
         return model.get_submodule(path)
     except AttributeError:
@@ -230,7 +249,7 @@ def _eager_attention(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     return q, k, down.args[1]
 
 
-def _attention_site(node: fx.Node, model: nn.Module, block: int | None,
+def _attention_site(node: fx.Node, model: nn.Module | None, block: int | None,
                     qkv: tuple[object, object, object] | None = None) -> AttentionSite:
     stack = module_stack(node)
     path = stack[-1] if stack else node.name
@@ -261,17 +280,23 @@ def _attention_site(node: fx.Node, model: nn.Module, block: int | None,
     )
 
 
-def index_graph(model: nn.Module, gm: fx.GraphModule, graph: ModelGraph) -> None:
-    """Fill `graph` with the sites of `gm`, a capture of `model`."""
+def index_graph(model: nn.Module | None, gm: fx.GraphModule, graph: ModelGraph) -> None:
+    """Fill `graph` with the sites of `gm`, a capture of `model`; `model=None` for a graph alone (the
+    `torch.compile` backend's dynamo graph, whose module stacks still name every module it ran)."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     for n in nodes:
         for path, cls in (n.meta.get("nn_module_stack") or {}).values():
             graph.modules.setdefault(normalize_path(path), cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls)))
     used_paths = {p for n in nodes for p in module_stack(n)}
-    blocks = _find_blocks(model, used_paths)
+    if model is not None:
+        named = dict(model.named_modules())
+        blocks = _find_blocks({p: type(m).__name__ for p, m in named.items()}, used_paths,
+                              {p for p, m in named.items() if isinstance(m, nn.ModuleList)})
+    else:
+        blocks = _find_blocks(graph.modules, used_paths)
     block_index = {name: i for i, (name, _) in enumerate(blocks)}
     output_nodes = {n for n in gm.graph.nodes if n.op == "output"}
-    ties = _tied_parameters(model)
+    ties = _tied_parameters(model) if model is not None else {}
 
     per_block_linears: dict[int, list[str]] = defaultdict(list)
     per_block_attn: dict[int, list[str]] = defaultdict(list)
@@ -296,12 +321,12 @@ def index_graph(model: nn.Module, gm: fx.GraphModule, graph: ModelGraph) -> None
             if isinstance(a, fx.Node) and isinstance(b, fx.Node) and _shape(a) == _shape(b) and _shape(a):
                 residual_adds[block] += 1
 
-    for i, (name, module) in enumerate(blocks):
+    for i, (name, cls) in enumerate(blocks):
         graph.blocks.append(
             BlockSite(
                 name=name,
                 index=i,
-                cls=type(module).__name__,
+                cls=cls,
                 residual_adds=residual_adds[i],
                 linears=tuple(per_block_linears[i]),
                 attentions=tuple(per_block_attn[i]),

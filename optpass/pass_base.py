@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -98,8 +99,43 @@ class PassResult:
     runtime: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Option:
+    """One alternative a pass offers for a decision (e.g. the LM head at int4). `apply` rewrites the model in
+    place and returns the undo; `measure` scores the result (default: the quality guard's forward metrics, so
+    a pass whose effect a single forward cannot see, a compressed cache, brings its own)."""
+
+    label: str
+    apply: Callable[[nn.Module], Callable[[], None]]
+    measure: Callable[[nn.Module], dict[str, float]] | None = None
+    value: Any = None  # what the pass needs back if this option is kept (a candidate, settings)
+
+
+@dataclass
+class Alternatives:
+    """The options for one decision, in the order they should be tried (`cost_models.selection` ranks them);
+    the first within the quality budget is kept."""
+
+    name: str
+    options: list[Option]
+
+
+@dataclass
+class Outcome:
+    """What trying one option gave: its measured quality and why it was kept or not."""
+
+    label: str
+    why: str
+    quality: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "why": self.why, **({"quality": self.quality} if self.quality else {})}
+
+
 class Pass(ABC):
-    """A rewrite family. Subclasses set `name` and `config_cls` and implement `candidates` and `apply`."""
+    """A rewrite family. Subclasses set `name` and `config_cls` and implement `candidates` and either `apply`
+    (one fixed rewrite) or `decisions` + `finish` (alternatives tried under the quality budget by
+    `cost_models.selection.choose_within_budget`, the one place that tries, measures and rolls back)."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type[PassConfig]]
@@ -121,9 +157,27 @@ class Pass(ABC):
     def candidates(self, graph: ModelGraph, target: HardwareSpec) -> list[Candidate]:
         """Find the sites this pass could rewrite and estimate each rewrite with the cost model."""
 
-    @abstractmethod
     def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
-        """Rewrite `model` (already a private copy) at the chosen candidates' sites, at module level."""
+        """Rewrite `model` (already a private copy) at the chosen candidates' sites, at module level. By
+        default: each of `decisions()` is tried under the budget, then `finish()` builds the result."""
+        from optpass.cost_models.selection import choose_within_budget
+
+        decisions = self.decisions(model, chosen, context)
+        if decisions is None:
+            raise NotImplementedError(f"pass {self.name!r} implements neither apply() nor decisions()")
+        if isinstance(decisions, PassResult):  # the pass found nothing to decide (a named reason)
+            return decisions
+        kept, outcomes = choose_within_budget(model, decisions, context.guard)
+        return self.finish(model, kept, outcomes, context)
+
+    def decisions(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> list[Alternatives] | PassResult | None:
+        """The alternatives to try, per decision, in order; a `PassResult` when there is nothing to decide."""
+        return None
+
+    def finish(self, model: nn.Module, kept: dict[str, Option | None], outcomes: dict[str, list[Outcome]],
+               context: ApplyContext) -> PassResult:
+        """The result once every decision kept an option (or none, `kept[name] is None`)."""
+        raise NotImplementedError
 
     def saved_state(self, model: nn.Module) -> dict[str, Any]:
         """JSON-able record of what this pass did to `model` beyond its weights (module layout, calibrated

@@ -23,7 +23,7 @@ from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.kv_cache import kv_estimate
 from optpass.errors import ConfigError
 from optpass.hf_compat import FULL, layer_kinds, with_cache
-from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig, PassResult
+from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
 from optpass.backends.kv.policies import POLICIES
 from optpass.backends.kv.policies.budgets import SCHEDULES, attention_density, schedule_weights
 from optpass.quality import logits_kl, top1_agreement
@@ -115,7 +115,9 @@ class KVCachePass(Pass):
         label = f"{cfg.policy} keep {cfg.keep} {'int' + str(cfg.bits) if cfg.bits else 'float'} KV @ {ctx} ctx"
         return [Candidate(self.name, sites, {"keep": cfg.keep, "context": ctx}, est, label=label, paths=("module",))]
 
-    def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
+    def decisions(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> list[Alternatives] | PassResult:
+        """One decision: the keep ratio, most aggressive first, each scored by continuation quality of the
+        compressed vs the full cache (a single forward cannot see a cache)."""
         reason = support_reason(model)
         if reason:
             return PassResult(self.name, model, False, reason=reason)
@@ -125,7 +127,6 @@ class KVCachePass(Pass):
         if not full:
             return PassResult(self.name, model, False, reason="every layer is sliding-window: their caches are "
                               "already bounded, nothing to compress")
-        paths = tuple(chosen[0].sites) if chosen else ()
         cfg = self.config
         weights, densities = None, None
         windows = _eval_windows(model, context.calibration)
@@ -133,24 +134,28 @@ class KVCachePass(Pass):
             densities = [attention_density(model, [w[None] for w in windows])[i] for i in full]
         if cfg.schedule != "uniform":
             weights = schedule_weights(cfg.schedule, len(full), densities)
-        budget = context.guard.budget if context.guard is not None else None
-        tried: dict[str, dict[str, float]] = {}
-        chosen_keep = None
-        for keep in (AUTO_KEEPS if cfg.keep == "auto" else (cfg.keep,)):
-            metrics = continuation_quality(model, cfg.settings(keep, weights), windows)
-            tried[str(keep)] = metrics
-            violations = budget.violations(metrics) if budget is not None else []
-            if not violations:
-                chosen_keep = keep
-                break
-        details = {"continuation_quality": tried, "densities": densities, "layer_weights": weights}
-        if chosen_keep is None:
-            return PassResult(self.name, model, False, reason=f"no keep ratio in {list(tried)} meets the quality budget "
-                              f"({'; '.join(budget.violations(tried[list(tried)[-1]]))})", details=details)
-        settings = cfg.settings(chosen_keep, weights)
-        details["settings"] = _settings_dict(settings)
-        details["layers"] = {"compressed (full attention)": len(full), "sliding window (bounded, packed)": len(kinds) - len(full)}
-        return PassResult(self.name, model, True, paths, details=details, runtime={"kv": _settings_dict(settings)})
+        self._details = {"densities": densities, "layer_weights": weights,
+                         "layers": {"compressed (full attention)": len(full),
+                                    "sliding window (bounded, packed)": len(kinds) - len(full)}}
+        self._paths = tuple(chosen[0].sites) if chosen else ()
+
+        def option(keep: float | int) -> Option:
+            settings = cfg.settings(keep, weights)
+            return Option(str(keep), lambda m: (lambda: None), value=settings,
+                          measure=lambda m: continuation_quality(m, settings, windows))
+
+        return [Alternatives("keep", [option(k) for k in (AUTO_KEEPS if cfg.keep == "auto" else (cfg.keep,))])]
+
+    def finish(self, model: nn.Module, kept: dict[str, Option | None], outcomes: dict[str, list[Outcome]],
+               context: ApplyContext) -> PassResult:
+        tried = outcomes["keep"]
+        details = {"continuation_quality": {o.label: o.quality for o in tried}, **self._details}
+        if kept["keep"] is None:
+            return PassResult(self.name, model, False, details=details, reason=f"no keep ratio in "
+                              f"{[o.label for o in tried]} meets the quality budget ({tried[-1].why})")
+        settings = _settings_dict(kept["keep"].value)
+        details["settings"] = settings
+        return PassResult(self.name, model, True, self._paths, details=details, runtime={"kv": settings})
 
     def saved_state(self, model: nn.Module) -> dict[str, Any]:
         return {"attention": model.config._attn_implementation}

@@ -2,9 +2,9 @@
 W8A8 dynamic above the cost model's row crossover, lowered to `backends/cpu/quant_linear.py` kernels.
 
 Sites come from the captured graph in two decision groups: the blocks' linears, and the LM head (its own
-decision, since quantizing it moves quality most). For each group the cost model ranks the schemes; under a
-quality guard, `apply` keeps the most aggressive scheme whose measured quality stays within the budget
-(e.g. int4 blocks with an int8 head). Optional activation-aware scaling (AWQ, Lin et al. 2024) runs first
+decision, since quantizing it moves quality most). Each group is a decision whose options are its schemes,
+fastest predicted first; `cost_models.selection.choose_within_budget` keeps the first whose measured quality
+stays within the budget (e.g. int4 blocks with an int8 head). Optional activation-aware scaling (AWQ, Lin et al. 2024) runs first
 for int4. Causal LMs also ask the decode runtime for a compiled static-shape step (`backends/runtime/`).
 """
 
@@ -22,7 +22,8 @@ from optpass.cost_models.formulas import scheme_key
 from optpass.cost_models.model_cost import rewrite_estimate
 from optpass.cost_models.quantization import w8a8_crossover, weight_bytes
 from optpass.errors import ConfigError
-from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig, PassResult
+from optpass.cost_models.selection import fastest_first
+from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
 from optpass.registry import register_pass
 from optpass.sites import LinearSite, ModelGraph
 
@@ -105,29 +106,38 @@ class QuantizePass(Pass):
                              rewrite_estimate(graph, target, overrides, d_mem), label=label))
         return out
 
-    def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
-        by_group: dict[str, list[Candidate]] = {}
-        for cand in chosen:
-            by_group.setdefault(cand.params["group"], []).append(cand)
-        groups: dict[str, dict[str, Any]] = {}
-        notes: dict[str, Any] = {}
-        sites: list[str] = []
+    def decisions(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> list[Alternatives]:
+        """Two decisions, blocks and LM head, each its schemes fastest predicted first."""
+        self._notes: dict[str, Any] = {}
+        self._chosen = chosen
+        out = []
         for group in ("blocks", "lm_head"):
-            ranked = sorted(by_group.get(group, []), key=lambda c: c.estimate.d_latency if c.estimate else 0.0)
-            kept, tried = self._first_within_budget(model, ranked, context, notes)
-            groups[group] = {"kept": kept.label if kept else "float", "tried": tried}
-            if kept:
-                sites.extend(kept.sites)
+            ranked = fastest_first([c for c in chosen if c.params["group"] == group])
+            out.append(Alternatives(group, [Option(c.label, self._swapper(c, context), value=c) for c in ranked]))
+        return out
+
+    def _swapper(self, cand: Candidate, context: ApplyContext) -> Any:
+        def apply(model: nn.Module) -> Any:
+            originals = _swap(model, cand, self.config, context, self._notes)
+            return lambda: _restore(model, originals)
+        return apply
+
+    def finish(self, model: nn.Module, kept: dict[str, Option | None], outcomes: dict[str, list[Outcome]],
+               context: ApplyContext) -> PassResult:
+        groups = {g: {"kept": kept[g].label if kept.get(g) else "float", "tried": [o.to_dict() for o in tried]}
+                  for g, tried in outcomes.items()}
+        sites = [s for option in kept.values() if option is not None for s in option.value.sites]
         tried_all = [t for g in groups.values() for t in g["tried"]]
         if not sites:
             return PassResult(self.name, model, False, details=groups, reason="no scheme stayed within the quality "
                               "budget: " + "; ".join(f"{t['label']}: {t['why']}" for t in tried_all))
-        not_kept = {t["label"]: t["why"] for t in tried_all if t["label"] not in {g["kept"] for g in groups.values()}}
-        for group, cands in by_group.items():
-            for cand in cands:
-                if cand.label != groups[group]["kept"]:
-                    not_kept.setdefault(cand.label, f"{groups[group]['kept']} was kept first")
-        decisions: dict[str, Any] = {**groups, **notes, "not_kept": not_kept}
+        kept_labels = {g["kept"] for g in groups.values()}
+        not_kept = {t["label"]: t["why"] for t in tried_all if t["label"] not in kept_labels}
+        for cand in self._chosen:
+            group = groups[cand.params["group"]]
+            if cand.label != group["kept"]:
+                not_kept.setdefault(cand.label, f"{group['kept']} was kept first")
+        decisions: dict[str, Any] = {**groups, **self._notes, "not_kept": not_kept}
         _tie_embedding(model)
         runtime = {}
         if self.config.fast_decode and hasattr(model, "generate") and hasattr(model, "config"):
@@ -152,10 +162,8 @@ class QuantizePass(Pass):
         from optpass.passes.quantize_graph import quantize_linear_calls
 
         best: dict[str, Candidate] = {}
-        for cand in chosen:
-            group = cand.params["group"]
-            if group not in best or _d_latency(cand) < _d_latency(best[group]):
-                best[group] = cand
+        for cand in fastest_first(chosen):
+            best.setdefault(cand.params["group"], cand)
         if not best:
             return PassResult(self.name, gm, False, reason="no quantization candidate was chosen")
         done, skipped = quantize_linear_calls(gm, list(best.values()))
@@ -163,34 +171,12 @@ class QuantizePass(Pass):
         return PassResult(self.name, gm, bool(done), tuple(done), details=details,
                           reason="" if done else "no chosen linear call has a constant float weight")
 
-    def _first_within_budget(self, model: nn.Module, ranked: list[Candidate], context: ApplyContext,
-                             notes: dict[str, Any]) -> tuple[Candidate | None, list[dict[str, Any]]]:
-        """Try schemes fastest-first; keep the first whose measured quality is within budget."""
-        tried: list[dict[str, Any]] = []
-        for cand in ranked:
-            originals = _swap(model, cand, self.config, context, notes)
-            if context.guard is None or len(ranked) == 1:
-                tried.append({"label": cand.label, "why": "kept (no alternative to compare)"})
-                return cand, tried
-            metrics = context.guard.evaluate(model)
-            problems = context.guard.check(metrics)
-            why = f"over budget: {'; '.join(problems)}" if problems else "within budget"
-            tried.append({"label": cand.label, "quality": metrics, "why": why})
-            if not problems:
-                return cand, tried
-            _restore(model, originals)
-        return None, tried
-
 
 def _group_supported(scheme: str, site: LinearSite, group_size: int) -> str | None:
     if scheme == "int4":
         return int4_supported(site.in_features, site.out_features, group_size)
     return f"in_features {site.in_features} is not divisible by group_size {group_size}" \
         if site.in_features % group_size else None
-
-
-def _d_latency(cand: Candidate) -> float:
-    return cand.estimate.d_latency if cand.estimate else 0.0
 
 
 def _swap(model: nn.Module, cand: Candidate, cfg: QuantizeConfig, context: ApplyContext,

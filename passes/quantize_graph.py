@@ -17,10 +17,8 @@ from torch import fx, nn
 
 from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear, int4_supported
 from optpass.backends.quant_format import pack_int4, quantize_int4, quantize_int8
-from optpass.indexing import LINEAR_TARGETS, module_stack
+from optpass.indexing import LINEAR_TARGETS, VALUE_META, module_stack
 from optpass.pass_base import Candidate
-
-VALUE_META = "optpass_value"
 
 
 def constant_value(node: Any, gm: fx.GraphModule) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import optpass
-from optpass.backends.cpu import gemv_ops
+from optpass.backends.cpu import gemv_ops, quant_linear
 from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear
 from optpass.backends.quant_format import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from optpass.models import tiny_llama
@@ -58,9 +58,12 @@ def test_int4_runs_tinygemm_kernel(linear):
     assert "aten._weight_int4pack_mm_for_cpu" in _ops(module, rows=1)
     assert "aten._weight_int4pack_mm_for_cpu" in _ops(module, rows=32)  # still faster than the dequant path here
     prefill = _ops(module, rows=64)
-    assert "aten._weight_int4pack_mm_for_cpu" not in prefill and "aten.mm" in prefill  # dequantized bf16 GEMM
-    if gemv_ops.available():
+    assert "aten._weight_int4pack_mm_for_cpu" not in prefill and "aten.mm" in prefill  # dequantized GEMM
+    if gemv_ops.available() and quant_linear.native_bf16():
         assert "optpass.dequant_bf16_" in prefill  # into the reused workspace, not through plain-op temporaries
+    else:  # no native bf16 here: an emulated bf16 GEMM is ~5x slower than fp32, so prefill dequantizes to fp32
+        assert "optpass.dequant_bf16_" not in prefill
+        assert quant_linear.gemm_dtype(torch.bfloat16) == torch.float32
     module.act_dtype = torch.float32  # the fused kernel is bf16-only: fp32 activations dequantize
     assert "aten._weight_int4pack_mm_for_cpu" not in _ops(module, rows=1)
 

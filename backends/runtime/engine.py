@@ -149,7 +149,7 @@ class DecodeEngine:
                 token = torch.where(unfinished, token, torch.full_like(token, pad))
             out = torch.cat([out, token[:, None]], dim=1)
             if eos_t.numel():
-                unfinished &= ~torch.isin(token, eos_t)
+                unfinished &= ~(token[:, None] == eos_t).any(-1)  # torch.isin: ~0.8 ms a call here
             if stop is not None:
                 unfinished &= ~stop(out)
             if i + 1 == new or not bool(unfinished.any()):

@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--extra-arms", nargs="*", default=[], choices=[a for a in ARMS if a != "full"],
                     help="more budgets to time at 4k (e.g. snapkv-float@0.25 snapkv-int8@0.125)")
     ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    ap.add_argument("--contexts", type=int, nargs="*", default=[2048, 4096],
+                    help="contexts of the full vs snapkv-int8@0.25 pairs (each compressed context compiles its own step)")
     ap.add_argument("--peak-arm", nargs=2, metavar=("ARM", "CONTEXT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peak_arm:
@@ -102,7 +104,7 @@ def main() -> None:
         return
     model, tok = int8_model(args.model)
     plan = [("full", 512), ("snapkv-int8@0.25", 512)] if args.quick else \
-        [("full", 2048), ("snapkv-int8@0.25", 2048), ("full", 4096), ("snapkv-int8@0.25", 4096)]
+        [(arm, c) for c in args.contexts for arm in ("full", "snapkv-int8@0.25")]
     plan += [(arm, 4096) for arm in args.extra_arms]  # each compressed arm costs ~8 min of C++ compile here
     prompts = {c: token_windows(tok, window=c - NEW, count=1, offset_windows=2) for c in {c for _, c in plan}}
     variants = [variant(model, prompts[c], arm, c, compile=not args.quick) for arm, c in plan]

@@ -158,3 +158,31 @@ def test_weights_changed_after_compiling_are_used():
         after = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None)
     assert torch.equal(after, _hf(model, ids, max_new_tokens=6, do_sample=False, eos_token_id=None))
     assert not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
+def test_nucleus_without_a_full_sort_keeps_transformers_set(scale):
+    """On a 49k vocabulary (the top-k prefilter has to widen for flat logits) the kept set and the renormalized
+    distribution equal transformers' sort-based TopPLogitsWarper; the draw picks only kept tokens."""
+    from transformers import TopPLogitsWarper
+
+    logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(7)) * scale
+    for top_p in (0.5, 0.9, 0.99):
+        ref = TopPLogitsWarper(top_p)(None, logits.clone())
+        got = sampler.NucleusByTopK(top_p)(None, logits.clone())
+        assert torch.equal(torch.isfinite(got), torch.isfinite(ref))
+        torch.testing.assert_close(torch.softmax(got, -1), torch.softmax(ref, -1))
+        torch.manual_seed(0)
+        picks = torch.stack([sampler.draw(got) for _ in range(20)])
+        assert bool(torch.isfinite(got.gather(1, picks.T)).all())
+
+
+def test_draw_follows_the_distribution():
+    scores = torch.full((1, 4096), float("-inf"))
+    scores[0, [3, 100, 2000]] = torch.tensor([0.0, 1.0, 2.0])
+    torch.manual_seed(0)
+    counts = torch.bincount(torch.cat([sampler.draw(scores) for _ in range(6000)]), minlength=4096)
+    p = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0)
+    assert counts.sum() == counts[[3, 100, 2000]].sum()
+    sigma = (6000 * p * (1 - p)).sqrt()  # binomial spread of each count
+    assert bool(((counts[[3, 100, 2000]].float() - 6000 * p).abs() < 4 * sigma).all()), counts[[3, 100, 2000]]

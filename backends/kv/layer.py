@@ -30,7 +30,8 @@ class OptpassLayer(CacheLayerMixin):
     """What every optpass cache layer shares: `update()` claims the attention call that follows (the layer
     stores keys and values when it attends), the sizes transformers' masks are built with, a Python token count
     for eager paths (`seen`) and a tensor one (`t`) for compiled steps. Subclasses set `storage_names` and
-    implement `allocate` and `attention`."""
+    implement `allocate`, `prefill` and `decode`; `attention` (shared) routes the prompt to the model's own
+    attention and then `prefill`, and each decode token to `decode`."""
 
     is_compileable = True
     is_sliding = False
@@ -69,6 +70,38 @@ class OptpassLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                  scaling: float, softcap: float | None,
+                  dense: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, None]:
+        """The attention call of this layer, output [B, Q, Hq, D] as transformers' attention functions return it.
+        `dense()` runs the model's own implementation on (query, key, value, mask): used for the prompt."""
+        from optpass.backends.kv.attention import padding_valid
+
+        if self.store is None:
+            self.allocate(key.shape[0], key.shape[1], key.shape[3], key.dtype, key.device)
+        if not torch.compiler.is_compiling():
+            first = self.seen == 0
+            self.seen += query.shape[2]
+            if first:
+                out, weights = dense()
+                valid = padding_valid(mask, key.shape[0], key.shape[2])
+                self.prefill(query, key, value, valid, scaling)
+                return out, weights
+        steps = [self.decode(query[:, :, i:i + 1], key[:, :, i:i + 1], value[:, :, i:i + 1], scaling, softcap)
+                 for i in range(query.shape[2])]
+        out = steps[0] if len(steps) == 1 else torch.cat(steps, dim=2)
+        return out.transpose(1, 2).contiguous(), None
+
+    def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
+                scaling: float) -> None:
+        """Keep the prompt the model's own attention just attended (`valid` [B, S]: False for padding)."""
+        raise NotImplementedError
+
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+               softcap: float | None) -> torch.Tensor:
+        """One new token: store it and attend over the layer's slots. [B, Hq, 1, D]"""
+        raise NotImplementedError
 
     def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         raise NotImplementedError
@@ -126,29 +159,6 @@ class CompressedLayer(OptpassLayer):
         self.t = torch.zeros((), dtype=torch.long, device=device)
         self.keys = self.values = None  # HF code checks these; our data lives in the store
         self.is_initialized = True
-
-    # -- attention ---------------------------------------------------------------------------------------------
-    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                  scaling: float, softcap: float | None,
-                  dense: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, None]:
-        """The attention call of this layer, output [B, Q, Hq, D] as transformers' attention functions return it.
-        `dense()` runs the model's own implementation on (query, key, value, mask): used for the prompt."""
-        from optpass.backends.kv.attention import padding_valid
-
-        if self.store is None:
-            self.allocate(key.shape[0], key.shape[1], key.shape[3], key.dtype, key.device)
-        if not torch.compiler.is_compiling():
-            first = self.seen == 0
-            self.seen += query.shape[2]
-            if first:
-                out, weights = dense()
-                valid = padding_valid(mask, key.shape[0], key.shape[2])
-                self.prefill(query, key, value, valid, scaling)
-                return out, weights
-        steps = [self.decode(query[:, :, i:i + 1], key[:, :, i:i + 1], value[:, :, i:i + 1], scaling, softcap)
-                 for i in range(query.shape[2])]
-        out = steps[0] if len(steps) == 1 else torch.cat(steps, dim=2)
-        return out.transpose(1, 2).contiguous(), None
 
     def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
                 scaling: float) -> None:

@@ -9,7 +9,6 @@ against transformers' `DynamicSlidingWindowLayer` when unpacked (tested).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 
@@ -42,27 +41,11 @@ class RingLayer(OptpassLayer):
             self.t.zero_()
             self.age.fill_(-1)
 
-    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                  scaling: float, softcap: float | None,
-                  dense: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, None]:
-        from optpass.backends.kv.attention import padding_valid
-
-        if self.store is None:
-            self.allocate(key.shape[0], key.shape[1], key.shape[3], key.dtype, key.device)
-        if not torch.compiler.is_compiling():
-            first = self.seen == 0
-            self.seen += query.shape[2]
-            if first:
-                out, weights = dense()
-                valid = padding_valid(mask, key.shape[0], key.shape[2])
-                self._fill(key, value, valid)
-                if self.record:
-                    self.prompt = (query, key, value, valid, scaling)
-                return out, weights
-        steps = [self._decode(query[:, :, i:i + 1], key[:, :, i:i + 1], value[:, :, i:i + 1], scaling, softcap)
-                 for i in range(query.shape[2])]
-        out = steps[0] if len(steps) == 1 else torch.cat(steps, dim=2)
-        return out.transpose(1, 2).contiguous(), None
+    def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
+                scaling: float) -> None:
+        self._fill(key, value, valid)
+        if self.record:
+            self.prompt = (query, key, value, valid, scaling)
 
     def load_prompt(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
                     scaling: float) -> None:
@@ -86,7 +69,7 @@ class RingLayer(OptpassLayer):
         self.age[:, slots] = torch.where(valid[:, s - n:], positions, -1).to(torch.int32)
         self.t.fill_(s)
 
-    def _decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+    def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                 softcap: float | None) -> torch.Tensor:
         """Write the new token over the oldest slot, then attend over the filled slots. [B, Hq, 1, D]"""
         b, h, _, _ = key.shape

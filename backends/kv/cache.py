@@ -149,18 +149,19 @@ class CompressedKVCache(Cache):
         return self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0
 
 
-def static_cache(model_config: Any, max_cache_len: int) -> Cache:
+def static_cache(model_config: Any, max_cache_len: int, slack: int = 0) -> Cache:
     """An uncompressed cache with static shapes for a compiled decode step: transformers' `StaticCache` when
     every layer attends fully; otherwise its `StaticLayer` for full layers and an exact ring of the model's
     window for sliding ones (transformers' static sliding layer branches on a Python counter, which a compiled
-    step that skips guards would freeze). The ring needs `enable_compressed_attention(model)`."""
+    step that skips guards would freeze). The ring needs `enable_compressed_attention(model)`; `slack` extra ring
+    slots let a speculative step roll back that many tokens."""
     from transformers import StaticCache
     from transformers.cache_utils import StaticLayer
 
     kinds = _kinds(model_config)
     if all(k.kind == FULL for k in kinds):
         return StaticCache(config=model_config, max_cache_len=max_cache_len)
-    return Cache(layers=[StaticLayer(max_cache_len) if k.kind == FULL else RingLayer(int(k.window), None, i)
+    return Cache(layers=[StaticLayer(max_cache_len) if k.kind == FULL else RingLayer(int(k.window), None, i, slack)
                          for i, k in enumerate(kinds)])
 
 
@@ -178,3 +179,15 @@ def cache_nbytes(cache: Cache) -> int:
         else:
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
     return total
+
+
+def rollback(cache: Cache, tokens: int) -> None:
+    """Forget the last `tokens` tokens of every layer (a rejected draft), through transformers' `crop` convention
+    for static layers (`crop(-n)`); the stale entries are overwritten by the next step and masked until then."""
+    if tokens:
+        for layer in cache.layers:
+            layer.crop(-tokens)
+
+
+def can_roll_back(cache: Cache) -> bool:
+    return all(getattr(layer, "is_croppable", False) for layer in cache.layers)

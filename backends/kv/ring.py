@@ -20,9 +20,10 @@ class RingLayer(OptpassLayer):
     is_sliding = True
     storage_names = ("age", "t")
 
-    def __init__(self, window: int, bits: int | None = None, layer_idx: int = 0) -> None:
+    def __init__(self, window: int, bits: int | None = None, layer_idx: int = 0, slack: int = 0) -> None:
         super().__init__()
-        self.capacity, self.bits, self.layer_idx = window, bits, layer_idx
+        # `slack` extra slots keep the tokens a rejected draft overwrote (speculative decoding rolls back)
+        self.window, self.capacity, self.bits, self.layer_idx = window, window + slack, bits, layer_idx
         self.seen = 0
         self.store: SlotStore | None = None
         self.record = False  # keep the prompt's (q, k, v, valid, scaling) for `CompressedKVCache.replay`
@@ -69,14 +70,27 @@ class RingLayer(OptpassLayer):
         self.age[:, slots] = torch.where(valid[:, s - n:], positions, -1).to(torch.int32)
         self.t.fill_(s)
 
+    is_croppable = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' convention for static layers: `crop(-n)` forgets the last n tokens (a rejected draft);
+        their slots are overwritten next and masked until then."""
+        if tokens_to_remove > 0 or -tokens_to_remove > self.capacity - self.window:
+            raise RuntimeError(f"ring layer: cannot roll back {-tokens_to_remove} tokens with "
+                               f"{self.capacity - self.window} slack slots")
+        self.t.sub_(-tokens_to_remove)
+        self.seen += tokens_to_remove
+
     def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                 softcap: float | None) -> torch.Tensor:
         """Write the new token over the oldest slot, then attend over the filled slots. [B, Hq, 1, D]"""
         b, h, _, _ = key.shape
         slot = (self.t % self.capacity).view(1)
         self.store.write(slot.expand(b, h, 1), key, value)
-        self.age.index_copy_(1, slot, self.t.to(torch.int32).expand(b, 1))
-        valid = (self.age >= 0)[:, None, None, :]  # [B, 1, 1, W]
+        now = self.t.to(torch.int32)
+        self.age.index_copy_(1, slot, now.expand(b, 1))
+        # the last `window` positions up to now (slots ahead of now are a rolled-back draft's)
+        valid = ((self.age >= 0) & (self.age > now - self.window) & (self.age <= now))[:, None, None, :]  # [B, 1, 1, C]
         keys, values = self.store.decode_keys().to(query.dtype), self.store.decode_values().to(query.dtype)
         self.t.add_(1)
         # one query per head: plain ops (SDPA's per-call overhead was ~0.1 ms per layer at one query)

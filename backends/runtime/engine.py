@@ -8,6 +8,11 @@ weights become constants), skips guard evaluation on the hot loop, and runs a mi
 [B, L] attention mask and per-row positions. The cache layout comes from the `DecodePlan`: transformers'
 `StaticCache` (optpass rings for sliding-window layers) or the compressed fixed-budget cache.
 
+With a proposer in the plan (prompt lookup, token recycling) the engine also compiles a verify step that scores
+the last token and k drafted ones in one forward (at batch 1 a step is bound by reading weights, so k + 1 rows
+cost little more than one), keeps what `verify.accept` accepts and rolls the cache back past the first
+rejection (`Cache.crop`); `gate.DraftGate` turns drafting off where it does not pay.
+
 Because the compiled step freezes weights and skips guards, the engine fingerprints the parameters (identity
 and version counter) when it compiles and recompiles if they changed: it never decodes with stale weights.
 """
@@ -24,7 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from optpass.backends.runtime.gate import DraftGate
 from optpass.backends.runtime.plan import DecodePlan
+from optpass.backends.runtime.proposers import Proposer, make_proposer
+from optpass.backends.runtime.verify import TokenChoice
 from optpass.hf_compat import last_logits_only, with_cache
 
 MIN_BUCKET = 256
@@ -54,12 +62,14 @@ def _fingerprint(model: nn.Module) -> tuple:
 
 
 class DecodeEngine:
-    """Static caches (one per batch x length bucket) and a compiled step each; `generate` is the loop."""
+    """Static caches (one per batch x length bucket) with a compiled step per width (1, and k + 1 to verify a
+    draft); `generate` is the loop."""
 
     def __init__(self, model: nn.Module, plan: DecodePlan, compile: bool = True) -> None:
         self.model, self.plan, self._compile = model, plan, compile and plan.compiled_step
         self.kv_settings = plan.kv_settings()
-        self._buckets: dict[tuple, tuple[Any, Callable, bool]] = {}
+        self.draft = int(plan.proposer["draft"]) if plan.proposer else 0
+        self._buckets: dict[tuple, tuple[Any, dict[int, Callable], int | None]] = {}
         self._weights: tuple | None = None
         self.cache: Any = None
         self.last_timing: dict[str, float] = {}
@@ -67,7 +77,18 @@ class DecodeEngine:
     def fits(self, prompt: int, new: int) -> bool:
         return self.kv_settings is not None or prompt + new <= self.plan.max_cache_len
 
-    def _new_cache(self, batch: int, prompt: int, needed: int) -> tuple[tuple, Callable[[], Any], int | None]:
+    def proposer(self, batch: int, prompt: int, new: int) -> tuple[Proposer | None, str]:
+        """The plan's proposer for this call, or (None, why not)."""
+        if not self.draft:
+            return None, "no proposer in the plan"
+        if self.kv_settings is not None:
+            return None, "the compressed KV cache cannot roll back a rejected draft"
+        if prompt + new + self.draft > self.plan.max_cache_len:
+            return None, "no room in the static cache for a draft"
+        options = {k: v for k, v in self.plan.proposer.items() if k not in ("kind", "draft", "verify_cost")}
+        return make_proposer(self.plan.proposer["kind"], self.model.config.vocab_size, **options), ""
+
+    def _new_cache(self, batch: int, prompt: int, needed: int, slack: int) -> tuple[tuple, Callable[[], Any], int | None]:
         """(bucket key, cache factory, the length of the static attention mask steps pass, or None)."""
         from optpass.backends.kv import enable_compressed_attention
         from optpass.backends.kv.cache import CompressedKVCache, has_sliding_layers, static_cache
@@ -79,11 +100,27 @@ class DecodeEngine:
             context = -(-prompt // KV_CONTEXT_BUCKET) * KV_CONTEXT_BUCKET
             # optpass's layers mask padding by their own slot validity: steps pass no mask
             return (batch, "kv", context), lambda: CompressedKVCache(self.kv_settings, config, context), None
-        length = cache_bucket(needed, self.plan.max_cache_len)
-        return (batch, length), lambda: static_cache(config, length), length
+        length = cache_bucket(needed + slack, self.plan.max_cache_len)
+        return (batch, length, slack), lambda: static_cache(config, length, slack), length
 
-    def _select(self, batch: int, prompt: int, needed: int) -> tuple[Callable, int | None]:
-        """Make the cache of this (batch, bucket) current; return its step function and its mask length."""
+    def _make_step(self, cache: Any) -> Callable:
+        model = self.model
+
+        def step(tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                 cache: Any = cache) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = model(input_ids=tokens, **with_cache(model, cache), attention_mask=mask, position_ids=positions,
+                           use_cache=True).logits.float()
+            return logits, logits.argmax(-1)
+
+        if not self._compile:
+            return step
+        options = {"freezing": True, "cpp_wrapper": True,
+                   # the step's inputs keep their shapes and its cache its storage: no guard can fail
+                   "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+        return torch.compile(_own_code(step), fullgraph=True, dynamic=False, options=options)
+
+    def _select(self, batch: int, prompt: int, needed: int, slack: int = 0) -> tuple[Callable[[int], Callable], int | None]:
+        """Make the cache of this (batch, bucket) current; return `step_for(width)` and the mask length."""
         if self._compile:
             weights = _fingerprint(self.model)
             if self._weights is not None and weights != self._weights:
@@ -91,38 +128,35 @@ class DecodeEngine:
                               "(the compiled step freezes weights)", stacklevel=4)
                 self._buckets.clear()
             self._weights = weights
-        key, make_cache, masked = self._new_cache(batch, prompt, needed)
+        key, make_cache, masked = self._new_cache(batch, prompt, needed, slack)
         if key not in self._buckets:
-            cache = make_cache()
-            model = self.model
+            self._buckets[key] = (make_cache(), {}, masked)
+        self.cache, steps, masked = self._buckets[key]
 
-            def step(tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                     cache: Any = cache) -> tuple[torch.Tensor, torch.Tensor]:
-                logits = model(input_ids=tokens, **with_cache(model, cache), attention_mask=mask, position_ids=positions,
-                               use_cache=True).logits[:, -1].float()
-                return logits, logits.argmax(-1)
+        def step_for(width: int) -> Callable:
+            if width not in steps:  # each width its own compiled graph (guards are skipped)
+                steps[width] = self._make_step(self.cache)
+            return steps[width]
 
-            if self._compile:
-                options = {"freezing": True, "cpp_wrapper": True,
-                           # the step's inputs keep their shapes and its cache its storage: no guard can fail
-                           "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
-                step = torch.compile(_own_code(step), fullgraph=True, dynamic=False, options=options)
-            self._buckets[key] = (cache, step, masked)
-        self.cache, step_fn, masked = self._buckets[key]
-        return step_fn, masked
+        return step_for, masked
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, new: int, attention_mask: torch.Tensor | None = None,
-                 choose: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 eos: list[int] | None = None, pad: int | None = None,
-                 stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                 choice: TokenChoice | None = None, eos: list[int] | None = None, pad: int | None = None,
+                 stop: Callable[[torch.Tensor], torch.Tensor] | None = None, speculate: bool = True) -> torch.Tensor:
         """Prompt + up to `new` tokens, [B, S + n], as transformers' loop returns them: rows that finished (EOS or
-        `stop`) continue with `pad`, and the loop ends when every row has. `choose(ids, logits, argmax)` picks
-        the next tokens (default: greedy)."""
+        `stop`) continue with `pad`, and the loop ends when every row has. `choice` picks the next tokens
+        (default: greedy); with `speculate` and a proposer in the plan, drafts are verified k at a time."""
+        from optpass.backends.kv.cache import rollback
+
         batch, prompt = ids.shape
         if not self.fits(prompt, new):
             raise ValueError(f"prompt {prompt} + {new} new tokens exceeds the static cache ({self.plan.max_cache_len})")
-        step, mask_length = self._select(batch, prompt, prompt + new)
+        choice = choice or TokenChoice()
+        proposer, self.no_draft_reason = self.proposer(batch, prompt, new) if speculate else (None, "not asked")
+        k = self.draft if proposer is not None else 0
+        step_for, mask_length = self._select(batch, prompt, prompt + new, k)
+        gate = DraftGate(float(self.plan.proposer.get("verify_cost", 1.5))) if proposer is not None else None
         self.cache.reset()
         eos_t = torch.tensor(eos or [], dtype=torch.long)
         started = time.perf_counter()
@@ -140,24 +174,49 @@ class DecodeEngine:
         if mask_length is not None:  # the static cache's positions: prompt (padding 0), then each new token
             step_mask = torch.zeros(batch, mask_length, dtype=torch.long)
             step_mask[:, :prompt] = attention_mask if attention_mask is not None else 1
-        out = ids
+        out, cached = ids, prompt  # `cached`: tokens in the cache (every emitted token but the last)
         unfinished = torch.ones(batch, dtype=torch.bool)
-        argmax = logits.argmax(-1)
-        for i in range(new):
-            token = choose(out, logits, argmax) if choose is not None else argmax
-            if pad is not None:
-                token = torch.where(unfinished, token, torch.full_like(token, pad))
-            out = torch.cat([out, token[:, None]], dim=1)
-            if eos_t.numel():
-                unfinished &= ~(token[:, None] == eos_t).any(-1)  # torch.isin: ~0.8 ms a call here
-            if stop is not None:
-                unfinished &= ~stop(out)
-            if i + 1 == new or not bool(unfinished.any()):
+        pending = choice.next(ids, logits, logits.argmax(-1))[:, None]  # tokens to emit
+        verifies = accepted = 0
+        while True:
+            for token in pending.unbind(1):
+                if pad is not None:
+                    token = torch.where(unfinished, token, torch.full_like(token, pad))
+                out = torch.cat([out, token[:, None]], dim=1)
+                if eos_t.numel():
+                    unfinished &= ~(token[:, None] == eos_t).any(-1)  # torch.isin: ~0.8 ms a call here
+                if stop is not None:
+                    unfinished &= ~stop(out)
+                if out.shape[1] - prompt == new or not bool(unfinished.any()):
+                    break
+            if out.shape[1] - prompt == new or not bool(unfinished.any()):
                 break
+            remaining = new - (out.shape[1] - prompt)
+            draft = proposer.propose(out, k) if gate is not None and remaining > 1 and gate.want() else None
+            width = 1 if draft is None else k + 1
+            # contiguous: the compiled step assumes its inputs' strides (guards are skipped)
+            inputs = out[:, -1:].contiguous() if draft is None else torch.cat([out[:, -1:], draft], dim=1)
             if step_mask is not None:
-                step_mask[:, prompt + i] = 1
-            logits, argmax = step(token[:, None], valid.clone(), step_mask)
-            valid += 1
+                step_mask[:, cached:cached + width] = 1
+            t0 = time.perf_counter()
+            logits, argmax = step_for(width)(inputs, valid + torch.arange(width), step_mask)
+            if draft is None:
+                pending = choice.next(out, logits[:, -1], argmax[:, -1])[:, None]
+            else:
+                pending = choice.accept(out, draft, logits, argmax, min(k, remaining - 1), unfinished)
+                kept = pending.shape[1]  # the input token and the accepted drafts stay in the cache
+                rollback(self.cache, width - kept)
+                if step_mask is not None:
+                    step_mask[:, cached + kept:cached + width] = 0
+                width = kept
+                verifies, accepted = verifies + 1, accepted + kept - 1
+            if gate is not None:
+                seconds = time.perf_counter() - t0
+                gate.record_plain(seconds) if draft is None else gate.record_verify(seconds, width)
+                proposer.observe(inputs[:, :width], logits[:, :width])
+            cached += width
+            valid += width
         self.last_timing = {"prefill_s": prefilled - started, "decode_s": time.perf_counter() - prefilled,
-                            "decode_steps": out.shape[1] - prompt - 1}
+                            "decode_steps": out.shape[1] - prompt - 1, "verify_steps": verifies,
+                            "accepted_drafts": accepted}
         return out

@@ -22,6 +22,7 @@ from optpass.backends.runtime import sampler
 from optpass.backends.runtime.engine import DecodeEngine
 from optpass.backends.runtime.plan import DecodePlan
 from optpass.backends.runtime.request import parse
+from optpass.backends.runtime.verify import TokenChoice
 from optpass.hf_compat import cache_kwarg
 
 
@@ -66,12 +67,7 @@ class DecodeRuntime:
 
     def _fast(self, request: Any) -> torch.Tensor:
         config = request.config
-        procs = sampler.processors(config, request.input_ids.shape[1], request.eos)
-        sample = bool(config.do_sample)
-        choose = None
-        if sample or len(procs):
-            def choose(ids: torch.Tensor, logits: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
-                return sampler.choose(ids, logits, procs, sample)
+        choice = TokenChoice(sampler.processors(config, request.input_ids.shape[1], request.eos), bool(config.do_sample))
         stop = None
         if config.stop_strings:
             from transformers import StopStringCriteria
@@ -80,7 +76,7 @@ class DecodeRuntime:
 
             def stop(ids: torch.Tensor) -> torch.Tensor:
                 return criterion(ids, None)
-        return self.engine.generate(request.input_ids, request.new_tokens, request.attention_mask, choose,
+        return self.engine.generate(request.input_ids, request.new_tokens, request.attention_mask, choice,
                                     request.eos, request.pad, stop)
 
 

@@ -18,9 +18,11 @@ class DecodePlan:
     compiled_step: bool = False  # a compiled static-shape decode step (the quantize pass asks for it)
     max_cache_len: int = 1024  # longest prompt + new tokens of the static full-attention cache
     kv: dict[str, Any] | None = None  # compressed-cache settings (KVSettings fields), from the kv_cache pass
+    # a drafter whose proposals the runtime verifies k at a time: {"kind", "draft": k, "verify_cost", options}
+    proposer: dict[str, Any] | None = None
     contributors: tuple[str, ...] = field(default=())  # which passes contributed what (for the report)
 
-    FIELDS = ("compiled_step", "max_cache_len", "kv")
+    FIELDS = ("compiled_step", "max_cache_len", "kv", "proposer")
 
     def merge(self, pass_name: str, contribution: dict[str, Any]) -> DecodePlan:
         unknown = set(contribution) - set(self.FIELDS)

@@ -1,0 +1,43 @@
+"""When to draft: a verify step of k + 1 tokens costs more than a one-token step (`ratio` of their times), so
+drafting pays only while the tokens accepted per verify exceed that ratio. The gate starts from the ratio the
+pass measured on this machine, then follows the times and acceptance it observes in this call; where drafting
+stops paying (open-ended text) it turns drafting off and re-tries one draft every `probe` steps, so a later
+stretch that copies its input turns it back on."""
+
+from __future__ import annotations
+
+
+class DraftGate:
+    def __init__(self, ratio: float, probe: int = 8, decay: float = 0.8) -> None:
+        self.ratio, self.probe, self.decay = ratio, probe, decay
+        self.plain_s: float | None = None
+        self.verify_s: float | None = None
+        self.tokens = 1.0 + ratio  # optimistic until measured: the first drafts are tried
+        self.verifies = 0
+        self.since_probe = 0
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else self.decay * old + (1 - self.decay) * new
+
+    def want(self) -> bool:
+        if self.verifies < 2 or self.tokens >= self.cost():
+            return True
+        self.since_probe += 1
+        if self.since_probe >= self.probe:
+            self.since_probe = 0
+            return True
+        return False
+
+    def cost(self) -> float:
+        """A verify step's time in one-token steps (measured here once both were seen)."""
+        if self.plain_s is not None and self.verify_s is not None:
+            return self.verify_s / self.plain_s
+        return self.ratio
+
+    def record_plain(self, seconds: float) -> None:
+        self.plain_s = self._ema(self.plain_s, seconds)
+
+    def record_verify(self, seconds: float, emitted: int) -> None:
+        self.verifies += 1
+        self.verify_s = self._ema(self.verify_s, seconds)
+        self.tokens = self._ema(self.tokens if self.verifies > 1 else None, float(emitted))

@@ -1,0 +1,189 @@
+"""Speculative decoding on SmolLM2-135M int8 (blocks + head, every arm the same weights): optpass's decode runtime
+with no drafter, with prompt lookup and with token recycling, against transformers' own loop with its prompt
+lookup (`prompt_lookup_num_tokens`, the documented default 10 and optpass's draft length) and its assisted
+generation with `assistant_early_exit` (the model's first layers as drafter).
+
+Two prompt sets from `pydoc_data.topics`, through the model's chat template: input-grounded (a ~1k-token
+passage, then "summarise" / "repeat the first paragraph": copying pays) and open-ended (a short request for a
+story or an explanation: nothing to copy). 128 new tokens, EOS off, greedy. Throughput is new tokens over the
+whole `generate()` call (prefill included, the same for every arm). Before timing, every drafting arm's tokens are
+compared with the no-drafter arm's on 20 prompts of each set (lossless: identical is the claim).
+
+    python benchmarks/speculative.py [--rounds 5] [--prompts 4] [--check 20] [--batch 1 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import Variant, run_scenario  # noqa: E402
+
+NEW = 128
+DRAFT = 5
+GROUNDED_ASKS = ("Summarize the text above in a few sentences.", "Repeat the first paragraph of the text above.")
+OPEN_ASKS = ("Write a short story about {}.", "Explain to a child what {} is.", "Write a poem about {}.")
+OPEN_TOPICS = ("a lighthouse keeper", "the moon", "a robot learning to cook", "rain", "a lost key", "volcanoes",
+               "friendship", "the ocean", "a busy market", "winter")
+
+
+def prompts(tok: Any, kind: str, count: int) -> list[torch.Tensor]:
+    from pydoc_data.topics import topics
+
+    out = []
+    if kind == "grounded":
+        passages = [t for _, t in sorted(topics.items()) if len(t) > 4500]
+        for i in range(count):
+            text = passages[i % len(passages)][:4500]
+            out.append(_chat(tok, f"{text}\n\n{GROUNDED_ASKS[i % len(GROUNDED_ASKS)]}"))
+    else:
+        for i in range(count):
+            ask = OPEN_ASKS[i % len(OPEN_ASKS)].format(OPEN_TOPICS[i % len(OPEN_TOPICS)])
+            out.append(_chat(tok, ask))
+    return out
+
+
+def _chat(tok: Any, text: str) -> torch.Tensor:
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt")
+    return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+
+
+def batched(tok: Any, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(r.shape[1] for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - r.shape[1]:], mask[i, width - r.shape[1]:] = r[0], 1
+    return ids, mask
+
+
+def int8_model() -> tuple[Any, Any]:
+    import optpass
+    from optpass.models import load_smollm2
+    from optpass.passes.quantize import QuantizeConfig
+    from optpass.passes.speculative import SpeculativeConfig
+
+    model, tok = load_smollm2()
+    model = optpass.optimize(model, passes=[QuantizeConfig(weights="int8", lm_head="int8"),
+                                            SpeculativeConfig(draft=DRAFT)])
+    return model, tok
+
+
+def runtime_call(model: Any, kind: str | None) -> Any:
+    """generate() through the runtime with proposer `kind` (None: no drafting), same engine, same compiled steps."""
+    runtime = model.optpass_runtime
+    base = runtime.plan.proposer
+
+    def call(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        engine = runtime.engine
+        engine.plan = dataclasses.replace(runtime.plan, proposer={**base, "kind": kind or base["kind"]})
+        calls = runtime.fast_calls
+        out = engine.generate(ids, NEW, mask, speculate=kind is not None)
+        runtime.fast_calls = calls + 1
+        return out
+
+    return call
+
+
+def transformers_call(model: Any, **options: Any) -> Any:
+    def call(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        with torch.inference_mode():
+            return type(model).generate(model, ids, attention_mask=mask, max_new_tokens=NEW,
+                                        do_sample=False, eos_token_id=None, **options)
+
+    return call
+
+
+def arm(name: str, call: Any, inputs: list[tuple[torch.Tensor, torch.Tensor | None]], note: str,
+        engine: Any = None) -> Variant:
+    def measure(_: Any) -> dict[str, float]:
+        tokens, seconds, accepted, verifies = 0, 0.0, 0, 0
+        for ids, mask in inputs:
+            start = time.perf_counter()
+            out = call(ids, mask)
+            seconds += time.perf_counter() - start
+            tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+            if engine is not None:
+                accepted += engine.last_timing["accepted_drafts"]
+                verifies += engine.last_timing["verify_steps"]
+        metrics = {"tok_s": tokens / seconds}
+        if engine is not None and verifies:
+            metrics["accepted_per_verify"] = accepted / verifies
+        return metrics
+
+    return Variant(name, lambda: None, measure, note=note)
+
+
+def lossless_check(tok: Any, model: Any, count: int) -> dict[str, str]:
+    """Per prompt set and drafter: how many of `count` prompts decode to exactly the no-drafter tokens."""
+    plain = runtime_call(model, None)
+    out = {}
+    for kind in ("grounded", "open"):
+        rows = prompts(tok, kind, count)
+        ref = [plain(r, None) for r in rows]
+        for proposer in ("prompt_lookup", "token_recycling"):
+            call = runtime_call(model, proposer)
+            same = sum(torch.equal(call(r, None), want) for r, want in zip(rows, ref))
+            out[f"{kind}/{proposer}"] = f"{same}/{count} identical"
+        ids, mask = batched(tok, rows[:4])
+        batch_ref = plain(ids, mask)
+        for proposer in ("prompt_lookup", "token_recycling"):
+            same = torch.equal(runtime_call(model, proposer)(ids, mask), batch_ref)
+            out[f"{kind}/{proposer}/batch4"] = "identical" if same else "DIFFERENT"
+    print("lossless check:", out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=4, help="timed prompts per set")
+    ap.add_argument("--check", type=int, default=20, help="prompts per set in the lossless check")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    args = ap.parse_args()
+    model, tok = int8_model()
+    tok.padding_side = "left"
+    engine = model.optpass_runtime.engine
+    check = lossless_check(tok, model, args.check) if args.check else {}
+    variants = []
+    for kind in ("grounded", "open"):
+        rows = prompts(tok, kind, args.prompts)
+        for batch in args.batch:
+            inputs = [(r, None) for r in rows] if batch == 1 else \
+                [batched(tok, rows[i:i + batch]) for i in range(0, len(rows), batch)]
+            tag = f"{kind}/b{batch}"
+            variants += [
+                arm(f"{tag}/optpass-int8", runtime_call(model, None), inputs, "compiled static step, no drafter", engine),
+                arm(f"{tag}/optpass-int8+prompt-lookup", runtime_call(model, "prompt_lookup"), inputs,
+                    f"draft {DRAFT}, gated", engine),
+                arm(f"{tag}/optpass-int8+token-recycling", runtime_call(model, "token_recycling"), inputs,
+                    f"draft {DRAFT}, gated", engine),
+                arm(f"{tag}/transformers-int8", transformers_call(model), inputs, "transformers' loop, same weights"),
+            ]
+            if batch == 1:  # transformers' candidate generators take batch 1 only
+                variants += [
+                    arm(f"{tag}/transformers-int8+prompt-lookup-10", transformers_call(model, prompt_lookup_num_tokens=10),
+                        inputs, "prompt_lookup_num_tokens=10 (documented default)"),
+                    arm(f"{tag}/transformers-int8+prompt-lookup-{DRAFT}",
+                        transformers_call(model, prompt_lookup_num_tokens=DRAFT), inputs, f"prompt_lookup_num_tokens={DRAFT}"),
+                    arm(f"{tag}/transformers-int8+early-exit-8", transformers_call(model, assistant_early_exit=8), inputs,
+                        "assistant_early_exit=8 (first 8 of 30 layers draft)"),
+                ]
+    result = run_scenario("speculative_smollm2", variants, rounds=args.rounds, extra={"lossless_check": check})
+    rates = {row["variant"]: row["tok_s"]["median"] for row in result["rows"] if "tok_s" in row}
+    for tag in sorted({name.rsplit("/", 1)[0] for name in rates}):
+        base = rates.get(f"{tag}/optpass-int8")
+        if base:
+            line = ", ".join(f"{n.rsplit('/', 1)[1]} {r / base:.2f}x" for n, r in rates.items() if n.startswith(tag + "/"))
+            print(f"{tag}: vs optpass-int8 without drafting: {line}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Speculative decoding on the decode runtime: proposers, the verifier's acceptance (greedy: the model's own
+tokens; sampling: the model's own distribution), cache rollback (static and sliding-window ring layers), the
+`speculative` pass end to end, and where drafting is refused."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import optpass
+from optpass.backends.kv import KVSettings
+from optpass.backends.runtime import DecodeEngine, DecodePlan
+from optpass.backends.runtime.proposers import PromptLookup, TokenRecycling
+from optpass.backends.runtime.verify import TokenChoice, accept
+from optpass.backends.runtime.sampler import processors
+from optpass.models import tiny_llama
+from tests import model_zoo
+
+PROPOSERS = ("prompt_lookup", "token_recycling")
+
+
+def _plan(kind: str, draft: int = 4, **extra) -> DecodePlan:
+    return DecodePlan(compiled_step=True, max_cache_len=256, proposer={"kind": kind, "draft": draft}, **extra)
+
+
+def _repeating_prompts(count: int, batch: int = 1, vocab: int = 100, seed: int = 0) -> list[torch.Tensor]:
+    """Prompts whose tail repeats an earlier stretch (so drafts are proposed, some accepted, some not)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        base = torch.randint(0, vocab, (batch, int(torch.randint(6, 16, (1,), generator=g))), generator=g)
+        out.append(torch.cat([base, torch.randint(0, vocab, (batch, 3), generator=g), base], dim=1))
+    return out
+
+
+def _hf_greedy(model, ids, new, **kwargs):
+    return type(model).generate(model, ids, max_new_tokens=new, do_sample=False, eos_token_id=None, **kwargs)
+
+
+@torch.no_grad()
+def _forward_greedy(model, ids, new):
+    """Greedy decoding by the model's own forward and transformers' default cache, one token at a time (the
+    reference for Gemma-3: on one near-tie of the tiny model, `generate()`'s own cache choice picks the other
+    token than this loop and a full forward both do)."""
+    out = model(input_ids=ids, use_cache=True)
+    seq = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    cache = out.past_key_values
+    for _ in range(new - 1):
+        out = model(input_ids=seq[:, -1:], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        seq = torch.cat([seq, out.logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+def test_prompt_lookup_takes_the_most_recent_match_and_pads_a_short_tail():
+    lookup = PromptLookup(max_ngram=3, min_ngram=2)
+    ids = torch.tensor([[5, 6, 7, 1, 5, 6, 8, 9, 5, 6]])
+    assert lookup.propose(ids, 2).tolist() == [[8, 9]]  # "5 6" last seen before "8 9"
+    assert lookup.propose(torch.tensor([[1, 2, 3, 1, 2]]), 3).tolist() == [[3, 1, 2]]
+    assert lookup.propose(torch.tensor([[4, 1, 2, 9, 1, 2]]), 3).tolist() == [[9, 1, 2]]
+    assert lookup.propose(torch.tensor([[1, 2, 3, 4]]), 3) is None  # no earlier 2-gram match
+    # batches: a row without a match gets a filler draft, the call still proposes for the others
+    batch = torch.tensor([[1, 2, 3, 1, 2], [7, 8, 9, 10, 11]])
+    assert lookup.propose(batch, 1).tolist() == [[3], [11]]
+
+
+def test_token_recycling_follows_the_models_own_top_candidates():
+    recycle = TokenRecycling(vocab=10, width=2)
+    assert recycle.propose(torch.tensor([[3]]), 2) is None  # nothing seen yet
+    logits = torch.zeros(1, 2, 10)
+    logits[0, 0, 4], logits[0, 1, 3] = 5.0, 5.0  # after 3 the model liked 4; after 4 it liked 3
+    recycle.observe(torch.tensor([[3, 4]]), logits)
+    assert recycle.propose(torch.tensor([[1, 3]]), 3).tolist() == [[4, 3, 4]]
+
+
+def test_greedy_acceptance_keeps_the_agreeing_prefix_shared_by_the_batch():
+    argmax = torch.tensor([[1, 2, 3, 4], [1, 2, 9, 9]])  # the model's tokens at each verify position
+    draft = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    active = torch.tensor([True, True])
+    logits = torch.zeros(2, 4, 10)
+    got = accept(torch.zeros(2, 1, dtype=torch.long), draft, logits, argmax, processors_none(), False, 3, active)
+    assert got.tolist() == [[1, 2, 3], [1, 2, 9]]  # row 1 rejects at 2: both keep 2 drafts + the model's token
+    # a finished row does not hold the batch back; `limit` caps acceptance (padded drafts)
+    got = accept(torch.zeros(2, 1, dtype=torch.long), draft, logits, argmax, processors_none(), False, 3,
+                 torch.tensor([True, False]))
+    assert got.tolist() == [[1, 2, 3, 4], [1, 2, 9, 9]]
+    got = accept(torch.zeros(2, 1, dtype=torch.long), draft, logits, argmax, processors_none(), False, 1, active)
+    assert got.tolist() == [[1, 2], [1, 2]]
+
+
+def processors_none():
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList()
+
+
+def test_speculative_sampling_emits_the_models_distribution():
+    """First emitted token with a point-mass draft: accepted with p(d), else drawn from p without d; its
+    frequency must match p (4-sigma binomial bound per token) for a likely and an unlikely draft."""
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    p = torch.softmax(logits, 0)
+    n = 20000
+    rows = logits.expand(n, 1, -1).repeat(1, 2, 1).clone()  # [n, 2, V]: verify positions 0 and 1
+    for d in (0, 4):
+        draft = torch.full((n, 1), d)
+        first = torch.stack([accept(torch.zeros(1, 1, dtype=torch.long), draft[i:i + 1], rows[i:i + 1],
+                                    rows[i:i + 1].argmax(-1), processors_none(), True, 1,
+                                    torch.tensor([True]))[0, 0] for i in range(0, n)])
+        freq = torch.bincount(first, minlength=6).double() / n
+        bound = 4 * (p.double() * (1 - p.double()) / n).sqrt() + 1e-9
+        assert ((freq - p.double()).abs() <= bound).all(), (d, freq, p)
+
+
+@pytest.mark.parametrize("kind", PROPOSERS)
+@pytest.mark.parametrize("build", [tiny_llama, model_zoo.gemma3], ids=["llama", "gemma3-ring"])
+def test_greedy_with_a_drafter_is_token_for_token_the_models_own(kind, build):
+    """20 prompts at batch 1, eager engine (the compiled step runs the same code); gemma3's window of 8 slots
+    makes the ring wrap and roll back across rejected drafts. float64: a random tiny model has near-ties
+    (margins of 1e-3) that float32 summation order alone can flip between a 1-token and a k-token forward."""
+    model = build().eval().double()
+    engine = DecodeEngine(model, _plan(kind), compile=False)
+    accepted = 0
+    for ids in _repeating_prompts(20):
+        got = engine.generate(ids, 24)
+        assert torch.equal(got, _forward_greedy(model, ids, 24)), ids
+        accepted += engine.last_timing["accepted_drafts"]
+    assert accepted > 0, "the prompts repeat: some drafts must have been accepted"
+
+
+@pytest.mark.parametrize("kind", PROPOSERS)
+def test_batch_of_four_with_left_padding_matches_per_prompt_runs(kind):
+    model = tiny_llama().eval()
+    engine = DecodeEngine(model, _plan(kind), compile=False)
+    prompts = [p[0] for p in _repeating_prompts(4, seed=3)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(4, width, dtype=torch.long)
+    mask = torch.zeros(4, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    got = engine.generate(ids, 20, attention_mask=mask)
+    for i, p in enumerate(prompts):
+        want = _hf_greedy(model, p[None], 20)[0, len(p):]
+        assert torch.equal(got[i, width:], want), i
+    assert engine.last_timing["verify_steps"] > 0
+
+
+def test_compiled_verify_step_with_int8_weights_matches_plain_decoding():
+    from optpass.passes.quantize import QuantizeConfig
+
+    model = optpass.optimize(tiny_llama(), passes=[QuantizeConfig(weights="int8")], quality_budget=None)
+    ids = _repeating_prompts(1)[0]
+    plain = DecodeEngine(model, DecodePlan(compiled_step=True, max_cache_len=256)).generate(ids, 24)
+    engine = DecodeEngine(model, _plan("prompt_lookup"))
+    assert torch.equal(engine.generate(ids, 24), plain)
+    assert engine.last_timing["verify_steps"] > 0
+
+
+def test_seeded_sampling_with_a_drafter_reproduces_and_uses_processors():
+    model = tiny_llama().eval()
+    engine = DecodeEngine(model, _plan("prompt_lookup"), compile=False)
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=0.8, top_k=20, repetition_penalty=1.2)
+    ids = _repeating_prompts(1)[0]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(engine.generate(ids, 24, choice=TokenChoice(processors(config, ids.shape[1], []), True)))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_speculative_pass_end_to_end_and_its_report():
+    model = optpass.optimize(tiny_llama(), passes=["speculative"], quality_budget=None)
+    record = next(r for r in model.optpass_report.passes if r.name == "speculative")
+    assert record.status == "applied", record
+    assert "identical" in record.details["lossless_check"]
+    plan = model.optpass_runtime.plan
+    assert plan.proposer["kind"] == "prompt_lookup" and plan.proposer["verify_cost"] >= 1.0
+    model.optpass_runtime.engine._compile = False
+    ids = _repeating_prompts(1)[0]
+    assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None),
+                       _hf_greedy(model, ids, 20))
+    assert model.optpass_runtime.engine.last_timing["verify_steps"] > 0
+
+
+def test_drafting_is_refused_with_a_compressed_cache_and_decoding_stays_exact():
+    model = tiny_llama().eval()
+    plan = _plan("prompt_lookup", kv=asdict(KVSettings(keep=1.0, bits=None)))
+    engine = DecodeEngine(model, plan, compile=False)
+    ids = _repeating_prompts(1)[0]
+    assert torch.equal(engine.generate(ids, 12), _hf_greedy(model, ids, 12))
+    assert "compressed KV cache" in engine.no_draft_reason and engine.last_timing["verify_steps"] == 0

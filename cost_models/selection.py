@@ -75,11 +75,15 @@ def choose_within_budget(model: nn.Module, decisions: list[Alternatives], guard:
                          ) -> tuple[dict[str, Option | None], dict[str, list[Outcome]]]:
     """Per decision, apply its options in order and keep the first whose measured quality is within the
     guard's budget, undoing each one that is not. An option is measured when it brings its own `measure` or
-    when there is an alternative to compare (a lone option is judged with the whole pass by the manager)."""
+    when there is an alternative to compare (a lone option is judged with the whole pass by the manager).
+    A `monotone` decision (each option at least as aggressive as the next) is bisected instead."""
     kept: dict[str, Option | None] = {}
     outcomes: dict[str, list[Outcome]] = {}
     for decision in decisions:
         tried = outcomes.setdefault(decision.name, [])
+        if decision.monotone and guard is not None and len(decision.options) > 2:
+            kept[decision.name] = _bisect(model, decision.options, guard, tried)
+            continue
         kept[decision.name] = None
         for option in decision.options:
             undo = option.apply(model)
@@ -87,12 +91,40 @@ def choose_within_budget(model: nn.Module, decisions: list[Alternatives], guard:
                 tried.append(Outcome(option.label, "kept (no alternative to compare)"))
                 kept[decision.name] = option
                 break
-            metrics = option.measure(model) if option.measure is not None else guard.evaluate(model)
-            problems = guard.check(metrics) if guard is not None else []
-            tried.append(Outcome(option.label, f"over budget: {'; '.join(problems)}" if problems else "within budget",
-                                 metrics))
-            if not problems:
+            if _try(model, option, guard, tried):
                 kept[decision.name] = option
                 break
             undo()
     return kept, outcomes
+
+
+def _try(model: nn.Module, option: Option, guard: Any, tried: list[Outcome]) -> bool:
+    """Measure the applied `option`; record the outcome; True if within budget."""
+    metrics = option.measure(model) if option.measure is not None else guard.evaluate(model)
+    problems = guard.check(metrics) if guard is not None else []
+    tried.append(Outcome(option.label, f"over budget: {'; '.join(problems)}" if problems else "within budget", metrics))
+    return not problems
+
+
+def _bisect(model: nn.Module, options: list[Option], guard: Any, tried: list[Outcome]) -> Option | None:
+    """The most aggressive option within budget, when quality only worsens along `options` reversed: the
+    mildest first (if it fails, none can pass), then a binary search; the kept option is left applied."""
+    def within(i: int) -> bool:
+        undo = options[i].apply(model)
+        ok = _try(model, options[i], guard, tried)
+        undo()
+        return ok
+
+    lo, hi = len(options) - 1, 0  # options[lo] is the mildest
+    if not within(lo):
+        return None
+    best = lo
+    left, right = hi, lo - 1  # search indices [left, right] for the most aggressive passing option
+    while left <= right:
+        mid = (left + right) // 2
+        if within(mid):
+            best, right = mid, mid - 1
+        else:
+            left = mid + 1
+    options[best].apply(model)
+    return options[best]

@@ -118,6 +118,9 @@ class Alternatives:
 
     name: str
     options: list[Option]
+    # each option at least as aggressive as the next and quality worsening with aggressiveness (n removed
+    # blocks, a keep ratio): the manager may bisect instead of trying them all
+    monotone: bool = False
 
 
 @dataclass

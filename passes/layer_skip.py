@@ -159,7 +159,7 @@ class LayerSkipPass(Pass):
         def option(indices: list[int]) -> Option:
             return Option(f"remove {len(indices)}: {indices}", lambda m: remove_blocks(m, indices), value=indices)
 
-        return [Alternatives("removed blocks", [option(o) for o in orders])]
+        return [Alternatives("removed blocks", [option(o) for o in orders], monotone=True)]
 
     def finish(self, model: nn.Module, kept: dict[str, Option | None], outcomes: dict[str, list[Outcome]],
                context: ApplyContext) -> PassResult:

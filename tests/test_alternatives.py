@@ -81,3 +81,19 @@ def test_quantize_reports_every_scheme_it_tried_per_decision():
     kept = record.details["lm_head"]["kept"]
     for t in tried:
         assert (t["why"] == "within budget") == (t["label"] == kept)
+
+
+def test_monotone_decision_is_bisected_to_the_most_aggressive_option_within_budget():
+    """Seven options from x7 down to x1 with a limit of 4.5: x4 is kept (left applied), in at most 4 measurements
+    (mildest first, then a binary search) instead of 4 tried in order; a limit nothing meets costs one."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    options = [_scaler(float(f)) for f in range(7, 0, -1)]
+    kept, outcomes = choose_within_budget(model, [Alternatives("scale", options, monotone=True)], ScaleGuard(4.5))
+    assert kept["scale"].value == 4.0 and float(model.weight) == 4.0
+    assert len(outcomes["scale"]) <= 4 and outcomes["scale"][0].label == "x1"
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    kept, outcomes = choose_within_budget(model, [Alternatives("scale", options, monotone=True)], ScaleGuard(0.5))
+    assert kept["scale"] is None and len(outcomes["scale"]) == 1 and float(model.weight) == 1.0

@@ -17,10 +17,23 @@ def _enabled() -> bool:
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a tqdm bar on stderr (disabled with OPTPASS_PROGRESS=0)."""
-    from tqdm.auto import tqdm
+    """Iterate with a tqdm bar on a terminal's stderr; elsewhere (logs, CI) one plain line per item, since a
+    bar's cursor movements leave escape fragments in a file. OPTPASS_PROGRESS=0 silences both."""
+    if not _enabled():
+        yield from items
+        return
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
 
-    yield from tqdm(items, desc=description, total=total, disable=not _enabled(), file=sys.stderr, leave=False)
+        yield from tqdm(items, desc=description, total=total, file=sys.stderr, leave=False)
+        return
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    start = time.perf_counter()
+    for i, item in enumerate(items, 1):
+        yield item
+        print(f"[optpass] {description}: {i}/{total if total is not None else '?'} "
+              f"({time.perf_counter() - start:.1f}s)", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

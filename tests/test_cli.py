@@ -64,15 +64,15 @@ def test_optimize_hf_directory_writes_a_loadable_checkpoint(hf_dir, tmp_path, ti
 
 
 def test_input_file_errors(hf_dir, tmp_path, capsys):
-    assert main(["optimize", str(hf_dir), "--calibration", str(tmp_path / "missing.txt")]) == 1
+    assert main(["optimize", str(hf_dir), "--calibration", str(tmp_path / "missing.txt")]) == 2
     assert "--calibration" in capsys.readouterr().err
     text = tmp_path / "calib.txt"
     text.write_text("some calibration text " * 50)
     assert main(["optimize", str(hf_dir), "--calibration", str(text)]) == 2
     assert "no local tokenizer" in capsys.readouterr().err
-    assert main(["optimize", str(tmp_path / "model.onnx")]) in (1, 2)
+    assert main(["optimize", str(tmp_path / "model.onnx")]) == 2
     assert "model.onnx" in capsys.readouterr().err
-    assert main(["run", str(tmp_path), "--prompt", "x"]) == 1
+    assert main(["run", str(tmp_path), "--prompt", "x"]) == 2
     assert "optpass_state.json: not found" in capsys.readouterr().err
 
 
@@ -113,3 +113,35 @@ def test_smollm2_optimize_then_run(tmp_path, capsys, smollm2):
     with torch.inference_mode():
         new = type(loaded).generate(loaded, input_ids=ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
     assert text == prompt + tokenizer.decode(new, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["optimize", "smollm2", "--target", "h900"], "h900"),
+    (["optimize", "smollm2", "--passes", "quantize,warp_drive"], "warp_drive"),
+    (["optimize", "smollm2", "--quality-budget", "ppl=lots"], "ppl=lots"),
+    (["optimize", "gpt-17"], "gpt-17"),
+    (["bench", "smollm2", "--target", "h900"], "h900"),
+    (["explain", "smollm2", "--passes", "warp_drive"], "warp_drive"),
+])
+def test_bad_names_are_refused_before_any_model_loads(argv, named, capsys, monkeypatch):
+    """Exit code 2 and the name in the message, without loading the model (loading would fail the test)."""
+    import optpass.models
+    import optpass.sources
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the names were checked")
+
+    monkeypatch.setattr(optpass.sources, "load_model_source", no_loading)
+    monkeypatch.setattr(optpass.models, "load_builtin", no_loading)
+    assert main(argv) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_run_refuses_options_that_do_not_apply_to_the_checkpoint(tmp_path, tiny_dit, tiny_llama, capsys):
+    optpass.save(tiny_dit, tmp_path / "dit")
+    assert main(["run", str(tmp_path / "dit"), "--prompt", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt" in err and "diffusion transformer" in err
+    optpass.save(tiny_llama, tmp_path / "llm")
+    assert main(["run", str(tmp_path / "llm"), "--prompt", "hi", "--steps", "3"]) == 2
+    assert "--steps" in capsys.readouterr().err

@@ -39,6 +39,10 @@ aten = torch.ops.aten
 LARGE_WEIGHT = 1 << 24  # elements (e.g. SmolLM2's 49152 x 576 head)
 
 
+
+def _refresh_after_load(module: nn.Module, _keys: object) -> None:
+    module.refresh_kernels()
+
 class QuantizedLinear(nn.Module):
     """Shared shape handling: flatten leading dims, GEMM in `act_dtype`, add bias, restore dtype."""
 
@@ -47,7 +51,8 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features, self.act_dtype = in_features, out_features, act_dtype
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         # kernel layouts derive from the canonical tensors: rebuild them whenever a state dict is loaded
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_kernels())
+        # a module-level function, not a lambda: Inductor pickles modules into its cache key
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def refresh_kernels(self) -> None:
         """Recompute derived (non-persistent) kernel buffers from the canonical ones."""

@@ -1,6 +1,8 @@
 """The `optpass` command line: one module per command, registered with `@command`.
 
-Exit codes: 0 success, 2 usage error, 1 failure (a one-line reason; the traceback only with --verbose).
+Exit codes, the same for every command: 0 success; 2 bad input (an unknown name, a malformed budget, a path that
+is not a model or checkpoint, an option that does not apply): change the command; 1 a failure while running
+(a one-line reason; the traceback only with --verbose). Names are checked before any model loads.
 A command module defines `add_arguments(parser)` and `run(args) -> int` and decorates `run` with
 `@command(name, help=..., add_arguments=...)`; importing it (see `_COMMAND_MODULES`) registers it.
 """
@@ -14,9 +16,12 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from optpass.errors import OptpassError
+from optpass.errors import CheckpointError, OptpassError
 
 Runner = Callable[[argparse.Namespace], int]
+# errors that mean the command line asked for something that cannot be: exit code 2 (CheckpointError: a
+# missing or corrupted checkpoint directory)
+BAD_INPUT = (ValueError, TypeError, FileNotFoundError, CheckpointError)
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits with 2 on usage errors
     try:
         return COMMANDS[args.command].run(args)
-    except (OptpassError, ValueError, TypeError, FileNotFoundError) as e:
+    except BAD_INPUT as e:
         if args.verbose:
             traceback.print_exc()
         print(f"optpass {args.command}: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, (ValueError, TypeError)) else 1
+        return 2
+    except OptpassError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"optpass {args.command}: failed: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - one-line reason unless --verbose
         if args.verbose:
             traceback.print_exc()

@@ -27,19 +27,22 @@ def run(args: argparse.Namespace) -> int:
 
     import optpass
     from optpass.adapters import CausalLMAdapter
+    from optpass.cli.validate import check_model_spec, check_names
     from optpass.errors import UnsupportedModelError
     from optpass.side_by_side import format_table, side_by_side
     from optpass.sources import load_model_source
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.rounds < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
         raise ValueError("--rounds >= 1, --new-tokens >= 2 and --prompt-tokens >= 1 are required")
+    passes = args.passes.split(",") if args.passes and args.passes != "auto" else "auto"
+    check_names(args.target, passes, args.quality_budget)
+    check_model_spec(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model_source(args.model)
     if not CausalLMAdapter.matches(model):
         raise UnsupportedModelError(f"{args.model}: `optpass bench` measures causal LMs (prefill / decode / "
                                     f"perplexity); this is a {type(model).__name__}")
-    passes = args.passes.split(",") if args.passes and args.passes != "auto" else "auto"
     optimized = optpass.optimize(model, target=args.target, passes=passes, quality_budget=args.quality_budget)
     applied = ", ".join(optimized.optpass_report.applied) or "none"
     rows = side_by_side(model, optimized, tokenizer, args.prompt_tokens, args.new_tokens, args.rounds)

@@ -24,12 +24,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import optpass
+    from optpass.cli.validate import check_names
     from optpass.models import load_builtin
 
+    passes = args.passes.split(",") if args.passes and args.passes != "auto" else "auto"
+    check_names(args.target, passes)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = load_builtin(args.model)
-    passes = args.passes.split(",") if args.passes and args.passes != "auto" else "auto"
     result = optpass.explain(model, target=args.target, passes=passes, objective=args.objective)
     print(result)
     if args.plot:

@@ -29,11 +29,14 @@ def run(args: argparse.Namespace) -> int:
 
     import optpass
     from optpass.cli.sources import calibration_tokens, optimize_onnx_file
+    from optpass.cli.validate import check_model_spec, check_names
     from optpass.sources import is_onnx, load_model_source
 
+    passes = args.passes.split(",") if args.passes and args.passes != "auto" else "auto"
+    check_names(args.target, passes, args.quality_budget)
+    check_model_spec(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    passes = args.passes.split(",") if args.passes and args.passes != "auto" else "auto"
     if is_onnx(args.model):
         report = optimize_onnx_file(args, passes)
     else:

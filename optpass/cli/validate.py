@@ -1,0 +1,30 @@
+"""What a command line names, checked before any model loads (loading SmolLM2 takes 15-20 s; a typo in
+`--target` should not cost that). Each check raises the error the library itself would raise later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def check_model_spec(spec: str) -> None:
+    """A built-in name or an existing path (what it holds is checked when it loads)."""
+    from optpass.errors import UnsupportedModelError
+    from optpass.models import BUILTIN_MODELS
+    from optpass.sources import _describe
+
+    if spec not in BUILTIN_MODELS and not Path(spec).exists():
+        raise UnsupportedModelError(f"unknown model {spec!r}: no such built-in name or path; {_describe()}")
+
+
+def check_names(target: str | None = None, passes: list[str] | str | None = None, budget: str | None = None) -> None:
+    from optpass.cost_models.hardware import get_spec
+    from optpass.quality import QualityBudget
+    from optpass.registry import get_pass
+
+    if target is not None:
+        get_spec(target)
+    if passes not in (None, "auto"):
+        for name in passes:
+            get_pass(name)
+    if budget:
+        QualityBudget.parse(budget)

@@ -19,7 +19,6 @@ Canonical tensors are persistent buffers (what a checkpoint stores); kernel layo
 
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import nn
@@ -94,13 +93,20 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, act_dtype={self.act_dtype}"
 
 
-@functools.lru_cache(maxsize=1)
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Without it oneDNN emulates a bf16 GEMM,
-    measured 5x slower than fp32 (a 512 x 640 x 2048 GEMM: 24.4 vs 4.7 ms on a 2-core AVX-512 Xeon)."""
+def _detect_native_bf16() -> bool:
     cpu = torch.cpu
     return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+# read once at import: a compiled decode step traces `gemm_dtype`, and dynamo cannot trace the CPU query
+_NATIVE_BF16 = _detect_native_bf16()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Without it oneDNN emulates a bf16 GEMM,
+    measured 5x slower than fp32 (a 512 x 640 x 2048 GEMM: 24.4 vs 4.7 ms on a 2-core AVX-512 Xeon)."""
+    return _NATIVE_BF16
 
 
 def gemm_dtype(act_dtype: torch.dtype) -> torch.dtype:

@@ -80,7 +80,10 @@ class SpeculativePass(Pass):
 
         cfg = self.config
         ratio = float(chosen[0].params["verify_cost"]) if chosen else self._ratio
-        proposer = {"kind": cfg.proposer, "draft": cfg.draft, "verify_cost": ratio}
+        from optpass.backends.cpu import gemv_ops
+
+        # rows one verify step may take (batch x (draft + 1)): the weight-streaming decode kernels' row budget
+        proposer = {"kind": cfg.proposer, "draft": cfg.draft, "verify_cost": ratio, "max_rows": gemv_ops.MAX_ROWS}
         plan = DecodePlan(compiled_step=True, max_cache_len=cfg.max_cache_len, proposer=proposer)
         prompt = _check_prompt(model, context.calibration)
         engine = DecodeEngine(model, plan, compile=False)

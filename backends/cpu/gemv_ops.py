@@ -12,7 +12,6 @@ on first use with torch.utils.cpp_extension (~30 s, cached). If the build fails 
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from pathlib import Path
@@ -23,9 +22,18 @@ MAX_ROWS = 8
 _SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 
 
-@functools.lru_cache(maxsize=1)
+_AVAILABLE: bool | None = None  # a plain global, not lru_cache: compiled steps read it (dynamo cannot trace the cache)
+
+
 def available() -> bool:
     """Build (once) and load the kernels; False when they cannot be built here."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = _build()
+    return _AVAILABLE
+
+
+def _build() -> bool:
     if os.environ.get("OPTPASS_NO_CPP") == "1":
         return False
     try:

@@ -85,8 +85,19 @@ class DecodeEngine:
             return None, "the compressed KV cache cannot roll back a rejected draft"
         if prompt + new + self.draft > self.plan.max_cache_len:
             return None, "no room in the static cache for a draft"
-        options = {k: v for k, v in self.plan.proposer.items() if k not in ("kind", "draft", "verify_cost")}
+        if self.draft_length(batch) < 1:
+            return None, f"batch {batch} leaves no room for a draft in the decode kernels' {self._rows()} rows"
+        options = {k: v for k, v in self.plan.proposer.items() if k not in ("kind", "draft", "verify_cost", "max_rows")}
         return make_proposer(self.plan.proposer["kind"], self.model.config.vocab_size, **options), ""
+
+    def _rows(self) -> int:
+        return int(self.plan.proposer.get("max_rows", 8))
+
+    def draft_length(self, batch: int) -> int:
+        """Drafted tokens per verify step at this batch: the plan's k, capped so that batch x (k + 1) rows stay
+        within the decode kernels' row budget (`max_rows`; more rows fall to a GEMM path that dequantizes the
+        weights per call, slower than the weight-streaming kernel it replaces)."""
+        return min(self.draft, self._rows() // batch - 1)
 
     def _new_cache(self, batch: int, prompt: int, needed: int, slack: int) -> tuple[tuple, Callable[[], Any], int | None]:
         """(bucket key, cache factory, the length of the static attention mask steps pass, or None)."""
@@ -154,7 +165,7 @@ class DecodeEngine:
             raise ValueError(f"prompt {prompt} + {new} new tokens exceeds the static cache ({self.plan.max_cache_len})")
         choice = choice or TokenChoice()
         proposer, self.no_draft_reason = self.proposer(batch, prompt, new) if speculate else (None, "not asked")
-        k = self.draft if proposer is not None else 0
+        k = self.draft_length(batch) if proposer is not None else 0
         step_for, mask_length = self._select(batch, prompt, prompt + new, k)
         gate = DraftGate(float(self.plan.proposer.get("verify_cost", 1.5))) if proposer is not None else None
         self.cache.reset()

@@ -9,7 +9,7 @@ story or an explanation: nothing to copy). 128 new tokens, EOS off, greedy. Thro
 whole `generate()` call (prefill included, the same for every arm). Before timing, every drafting arm's tokens are
 compared with the no-drafter arm's on 20 prompts of each set (lossless: identical is the claim).
 
-    python benchmarks/speculative.py [--rounds 5] [--prompts 4] [--check 20] [--batch 1 4]
+    python benchmarks/speculative.py [--rounds 5] [--prompts 4] [--check 20] [--batch 1 4]   (--rounds 0: check only)
 """
 
 from __future__ import annotations
@@ -152,6 +152,8 @@ def main() -> None:
     tok.padding_side = "left"
     engine = model.optpass_runtime.engine
     check = lossless_check(tok, model, args.check) if args.check else {}
+    if args.rounds == 0:  # the lossless check only
+        return
     variants = []
     for kind in ("grounded", "open"):
         rows = prompts(tok, kind, args.prompts)

@@ -193,3 +193,42 @@ def test_drafting_is_refused_with_a_compressed_cache_and_decoding_stays_exact():
     ids = _repeating_prompts(1)[0]
     assert torch.equal(engine.generate(ids, 12), _hf_greedy(model, ids, 12))
     assert "compressed KV cache" in engine.no_draft_reason and engine.last_timing["verify_steps"] == 0
+
+
+def test_a_verify_step_computes_each_position_bit_for_bit_as_a_one_token_step():
+    """With `row_exact` each of the k + 1 positions attends alone, so its logits equal a one-token step's exactly
+    (not just closely): greedy speculation then cannot flip a near-tie that plain decoding would not."""
+    from optpass.backends.kv import enable_compressed_attention
+    from optpass.backends.kv.attention import row_exact
+    from optpass.backends.kv.cache import static_cache
+    from optpass.hf_compat import with_cache
+
+    from optpass.passes.quantize import QuantizeConfig
+
+    # int8 weights: optpass's GEMV computes every row alone (per-row activation scale, integer accumulation); an
+    # fp32 GEMM blocks M = 1 and M = 6 differently, so a float model could not be bit-exact whatever attention does
+    model = optpass.optimize(tiny_llama(layers=3, hidden=128), passes=[QuantizeConfig(weights="int8", lm_head="int8")],
+                             quality_budget=None)
+    enable_compressed_attention(model)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
+    prompt, tail = ids[:, :24], ids[:, 24:]
+
+    def run(chunks):
+        cache = static_cache(model.config, 64)
+        mask = torch.zeros(1, 64, dtype=torch.long)
+        mask[:, :24] = 1
+        with torch.no_grad():
+            model(input_ids=prompt, **with_cache(model, cache), use_cache=True)
+            out, seen = [], 24
+            for chunk in chunks:
+                mask[:, seen:seen + chunk.shape[1]] = 1
+                positions = torch.arange(seen, seen + chunk.shape[1])[None]
+                with row_exact():
+                    out.append(model(input_ids=chunk, **with_cache(model, cache), attention_mask=mask,
+                                     position_ids=positions, use_cache=True).logits)
+                seen += chunk.shape[1]
+        return torch.cat(out, dim=1)
+
+    one_at_a_time = run(list(tail.split(1, dim=1)))
+    verified = run([tail])
+    assert torch.equal(verified, one_at_a_time)

@@ -84,8 +84,10 @@ def _attention_for(inner: str) -> Callable:
             observer(module, query, key, attention_mask, scale)
 
         def dense() -> tuple[torch.Tensor, torch.Tensor | None]:
-            return _inner(inner, module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                         **kwargs)
+            fn = _inner(inner, module)
+            if _row_exact and query.shape[2] > 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+                return _per_query(fn, module, query, key, value, attention_mask, scaling, dropout, kwargs)
+            return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
         if layer is None:
             return dense()
@@ -95,6 +97,33 @@ def _attention_for(inner: str) -> Callable:
 
     attention.__name__ = f"optpass_attention_{inner}"
     return attention
+
+
+_row_exact = False  # set while a speculative verify step runs (see `row_exact`)
+
+
+@contextmanager
+def row_exact() -> Iterator[None]:
+    """Attend one query at a time, so each of a verify step's k + 1 positions is computed with exactly the
+    shapes (and so exactly the kernel and summation order) of a one-token decode step: greedy speculative
+    decoding then reproduces plain decoding bit for bit, not only up to floating-point near-ties."""
+    global _row_exact
+    previous, _row_exact = _row_exact, True
+    try:
+        yield
+    finally:
+        _row_exact = previous
+
+
+def _per_query(fn: Callable, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor, scaling: float | None, dropout: float, kwargs: dict[str, Any]
+               ) -> tuple[torch.Tensor, None]:
+    outs = []
+    for i in range(query.shape[2]):
+        out, _ = fn(module, query[:, :, i:i + 1], key, value, mask[:, :, i:i + 1], scaling=scaling, dropout=dropout,
+                    **kwargs)
+        outs.append(out)
+    return torch.cat(outs, dim=1), None
 
 
 def register(inner: str) -> str:

@@ -19,6 +19,7 @@ and version counter) when it compiles and recompiles if they changed: it never d
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import types
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optpass.backends.kv.attention import row_exact
 from optpass.backends.runtime.gate import DraftGate
 from optpass.backends.runtime.plan import DecodePlan
 from optpass.backends.runtime.proposers import Proposer, make_proposer
@@ -105,8 +107,9 @@ class DecodeEngine:
         from optpass.backends.kv.cache import CompressedKVCache, has_sliding_layers, static_cache
 
         config = self.model.config
-        if self.kv_settings is not None or has_sliding_layers(config):
-            enable_compressed_attention(self.model)  # optpass's cache layers attend through optpass
+        # optpass's cache layers attend through optpass; so do verify steps (one query at a time, `row_exact`)
+        if self.kv_settings is not None or has_sliding_layers(config) or slack:
+            enable_compressed_attention(self.model)
         if self.kv_settings is not None:
             context = -(-prompt // KV_CONTEXT_BUCKET) * KV_CONTEXT_BUCKET
             # optpass's layers mask padding by their own slot validity: steps pass no mask
@@ -210,7 +213,8 @@ class DecodeEngine:
             if step_mask is not None:
                 step_mask[:, cached:cached + width] = 1
             t0 = time.perf_counter()
-            logits, argmax = step_for(width)(inputs, valid + torch.arange(width), step_mask)
+            with row_exact() if draft is not None else contextlib.nullcontext():
+                logits, argmax = step_for(width)(inputs, valid + torch.arange(width), step_mask)
             if draft is None:
                 pending = choice.next(out, logits[:, -1], argmax[:, -1])[:, None]
             else:

@@ -84,4 +84,8 @@ def load_model_source(spec: str | Path) -> tuple[nn.Module, Any]:
         return _load_gguf(path)
     if path.exists():
         raise UnsupportedModelError(f"{text}: not a model optpass can read; {_describe()}")
-    raise UnsupportedModelError(f"unknown model {text!r}: no such built-in name or path; {_describe()}")
+    raise unknown_model(text)
+
+
+def unknown_model(spec: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"unknown model {spec!r}: no such built-in name or path; {_describe()}")

@@ -64,14 +64,13 @@ def block_influence(model: nn.Module, batches: list[dict[str, Any]]) -> list[flo
     layers = decoder_layers(model)
     sums = [0.0] * len(layers)
     count = 0
-    mask_holder: dict[str, torch.Tensor | None] = {}
+    keep: torch.Tensor | None = None  # the current batch's token mask, read by the hooks
 
     def hook(index: int):
         def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
             cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # [B, S]
-            keep = mask_holder["mask"]
             sums[index] += float(((1 - cos) * keep).sum()) if keep is not None else float((1 - cos).sum())
         return record
 
@@ -79,7 +78,7 @@ def block_influence(model: nn.Module, batches: list[dict[str, Any]]) -> list[flo
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
-            mask_holder["mask"] = mask.float() if mask is not None else None
+            keep = mask.float() if mask is not None else None
             ids = batch["input_ids"]
             count += int(mask.sum()) if mask is not None else ids.numel()
             model(**batch)
@@ -102,18 +101,10 @@ def remove_blocks(model: nn.Module, indices: list[int]) -> Callable[[], None]:
     return undo
 
 
-def _batches(model: nn.Module, calibration: list[Any]) -> list[dict[str, Any]]:
-    batches = [b for b in calibration if isinstance(b, dict) and "input_ids" in b]
-    if batches:
-        return batches
-    from optpass.adapters import tokenizer_for
-    from optpass.corpus import token_windows
-
-    tokenizer = tokenizer_for(model)
-    if tokenizer is not None:
-        return [{"input_ids": w[None]} for w in token_windows(tokenizer, window=256, count=4)]
-    g = torch.Generator().manual_seed(11)
-    return [{"input_ids": torch.randint(0, model.config.vocab_size, (2, 64), generator=g)}]
+def token_batches(calibration: list[Any]) -> list[dict[str, Any]]:
+    """The keyword inputs of the calibration batches the pass manager prepared (corpus windows, or the user's
+    `calibration_data`) that carry token ids."""
+    return [b.kwargs for b in calibration if getattr(b, "kwargs", None) and "input_ids" in b.kwargs]
 
 
 @register_pass
@@ -150,7 +141,10 @@ class LayerSkipPass(Pass):
             self._influence = None
             orders = [list(cfg.blocks)]
         else:
-            influence = block_influence(model, _batches(model, context.calibration))
+            batches = token_batches(context.calibration)
+            if not batches:
+                return PassResult(self.name, model, False, reason="no calibration token ids to rank blocks on")
+            influence = block_influence(model, batches)
             self._influence = [round(v, 5) for v in influence]
             ranked = sorted(range(1, len(layers) - 1), key=lambda i: influence[i])
             top = min(cfg.max_removed, len(ranked))

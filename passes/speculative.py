@@ -72,14 +72,13 @@ class SpeculativePass(Pass):
         step = predict_forward(graph, target, 1, 1, cfg.context)
         # per generated token: one step without drafting, ratio / expected tokens with it
         est = model_estimate(graph, target, d_latency=graph.example_tokens * step * (ratio / cfg.expected_tokens - 1))
-        self._ratio = ratio
         return [Candidate(self.name, (), {"verify_cost": ratio}, est, label=label, paths=("module",))]
 
     def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
         from optpass.backends.runtime import DecodeEngine, DecodePlan
 
         cfg = self.config
-        ratio = float(chosen[0].params["verify_cost"]) if chosen else self._ratio
+        ratio = float(chosen[0].params["verify_cost"])
         from optpass.backends.cpu import gemv_ops
 
         # rows one verify step may take (batch x (draft + 1)): the weight-streaming decode kernels' row budget
@@ -103,12 +102,11 @@ class SpeculativePass(Pass):
 
 def _check_prompt(model: nn.Module, calibration: list[Any]) -> torch.Tensor:
     """A calibration prompt whose second half repeats its first (so drafts are proposed and verified)."""
-    from optpass.adapters import tokenizer_for
-    from optpass.corpus import token_windows
+    from optpass.passes.layer_skip import token_batches
 
-    tokenizer = tokenizer_for(model)
-    if tokenizer is not None:
-        half = token_windows(tokenizer, window=48, count=1)
+    batches = token_batches(calibration)
+    if batches:
+        half = batches[0]["input_ids"][:1, :48]
     else:
         half = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(5))
     return torch.cat([half, half[:, : half.shape[1] // 2]], dim=1)

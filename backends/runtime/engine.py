@@ -192,6 +192,10 @@ class DecodeEngine:
         unfinished = torch.ones(batch, dtype=torch.bool)
         pending = choice.next(ids, logits, logits.argmax(-1))[:, None]  # tokens to emit
         verifies = accepted = 0
+
+        def done() -> bool:
+            return out.shape[1] - prompt == new or not bool(unfinished.any())
+
         while True:
             for token in pending.unbind(1):
                 if pad is not None:
@@ -201,9 +205,9 @@ class DecodeEngine:
                     unfinished &= ~(token[:, None] == eos_t).any(-1)  # torch.isin: ~0.8 ms a call here
                 if stop is not None:
                     unfinished &= ~stop(out)
-                if out.shape[1] - prompt == new or not bool(unfinished.any()):
+                if done():
                     break
-            if out.shape[1] - prompt == new or not bool(unfinished.any()):
+            if done():
                 break
             remaining = new - (out.shape[1] - prompt)
             draft = proposer.propose(out, k) if gate is not None and remaining > 1 and gate.want() else None

@@ -8,12 +8,11 @@ from pathlib import Path
 
 def check_model_spec(spec: str) -> None:
     """A built-in name or an existing path (what it holds is checked when it loads)."""
-    from optpass.errors import UnsupportedModelError
     from optpass.models import BUILTIN_MODELS
-    from optpass.sources import _describe
+    from optpass.sources import unknown_model
 
     if spec not in BUILTIN_MODELS and not Path(spec).exists():
-        raise UnsupportedModelError(f"unknown model {spec!r}: no such built-in name or path; {_describe()}")
+        raise unknown_model(spec)
 
 
 def check_names(target: str | None = None, passes: list[str] | str | None = None, budget: str | None = None) -> None:

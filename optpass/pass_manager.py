@@ -107,7 +107,7 @@ class PassManager:
         if failure:
             record.status, record.reason = "rolled_back", failure
             return record, None
-        record.status = "applied"
+        record.status, record.reason = "applied", result.reason  # an applied pass may still qualify what it did
         record.runtime = dict(result.runtime)
         return record, result.model
 

@@ -2,7 +2,8 @@
 
 The model keeps computing its own projections, norms and RoPE; only the attention call goes through here.
 `optpass|<inner>` wraps the implementation the model used before (`sdpa`, `eager`, ...): layers whose cache is
-not optpass's get exactly that implementation. A cache layer of optpass's (`CompressedLayer`) *claims* the
+not optpass's get exactly that implementation, except long prefills of layers the sparse_attention pass
+planned (`backends/sparse/attend.py`). A cache layer of optpass's (`CompressedLayer`) *claims* the
 attention call that follows its `update()` (every transformers attention calls `cache.update` and then the
 attention function, for the same layer): at prefill the inner implementation attends exactly and the layer
 then scores and compresses the prompt; at decode the layer attends over its own slots (per-head validity,
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optpass.backends.sparse.attend import sparse_prefill
 from optpass.errors import UnsupportedModelError
 from optpass.hf_compat import FULL, SLIDING, layer_kinds
 
@@ -84,6 +86,9 @@ def _attention_for(inner: str) -> Callable:
             observer(module, query, key, attention_mask, scale)
 
         def dense() -> tuple[torch.Tensor, torch.Tensor | None]:
+            sparse = sparse_prefill(module, query, key, value, attention_mask, scale, kwargs)
+            if sparse is not None:  # a long prefill of a layer the sparse_attention pass planned
+                return sparse, None
             fn = _inner(inner, module)
             if _row_exact and query.shape[2] > 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
                 return _per_query(fn, module, query, key, value, attention_mask, scaling, dropout, kwargs)

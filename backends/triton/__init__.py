@@ -1,4 +1,5 @@
-"""Triton backend: weight-only int8 / int4 linear kernels registered as `torch.ops.optpass.*` custom ops.
+"""Triton backend: weight-only int8 / int4 linear kernels (`ops`) and block-sparse flash attention (`sparse_ops`),
+registered as `torch.ops.optpass.*` custom ops.
 
 Nothing here imports triton eagerly: `import optpass.backends.triton` always works, `available()`
 reports whether triton can be imported, and `optpass.backends.triton.ops` (loaded on first access of
@@ -32,6 +33,6 @@ def available() -> bool:
 
 
 def __getattr__(name: str) -> ModuleType:
-    if name == "ops":
-        return importlib.import_module(f"{__name__}.ops")
+    if name in ("ops", "sparse_ops"):
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,50 @@
+"""Cost of block-sparse prefill attention: per layer, dense SDPA vs the layout at density rho(S), the prefill
+length from which the layer pays (its crossover), and the whole-prefill estimate a candidate carries."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from optpass.cost_models import formulas as F
+from optpass.cost_models.estimate import RewriteEstimate
+from optpass.cost_models.hardware import HardwareSpec
+from optpass.sites import AttentionSite, ModelGraph
+
+MAX_SEQ = 131072
+
+
+def attention_pair(site: AttentionSite, spec: HardwareSpec, seq: int, rho: float, block: int) -> tuple[float, float]:
+    """(dense SDPA, block-sparse) seconds of one causal prefill of `seq` tokens at batch 1."""
+    at = {F.B: 1, F.S: seq, F.S_ctx: seq}
+    dense = F.evaluate(F.sdpa_time(spec, site.num_heads, site.num_kv_heads, site.head_dim).subs(at))
+    sparse = F.evaluate(F.sparse_attention_time(spec, site.num_heads, site.num_kv_heads, site.head_dim, min(rho, 1.0),
+                                                block).subs(at))
+    return dense, sparse
+
+
+def layer_crossover(site: AttentionSite, spec: HardwareSpec, rho_at: Callable[[int], float], block: int,
+                    band: float) -> int | None:
+    """Shortest prefill from which sparse attention beats dense by more than `band`, or None (never, up to
+    MAX_SEQ). Density may depend on the length (a fixed window covers less of a longer prompt)."""
+    def pays(seq: float) -> float:
+        s = max(int(seq), 2 * block)
+        dense, sparse = attention_pair(site, spec, s, rho_at(s), block)
+        return sparse - dense * (1 - band)
+
+    if pays(MAX_SEQ) >= 0:
+        return None
+    cross = F.sign_change(pays, lo=2 * block, hi=MAX_SEQ)
+    return int(cross) if cross is not None else 2 * block
+
+
+def prefill_estimate(graph: ModelGraph, spec: HardwareSpec, rho: float, context: int, block: int) -> RewriteEstimate:
+    """A prefill of `context` tokens (batch 1) with every attention at density `rho`."""
+    from optpass.cost_models.model_cost import predict_forward
+
+    before = predict_forward(graph, spec, 1, context, context)
+    saved = 0.0
+    for site in graph.attentions:
+        dense, sparse = attention_pair(site, spec, context, rho, block)
+        saved += dense - sparse
+    cross = layer_crossover(graph.attentions[0], spec, lambda s: rho, block, 0.0) if graph.attentions else None
+    return RewriteEstimate(before, before - saved, 0.0, cross, tokens=context)

@@ -1,0 +1,249 @@
+"""Attention substitution: long prefills of full-attention layers run block-sparse where the cost model and the
+quality budget allow.
+
+One calibration forward records each layer's queries and keys; per head the search (`backends/sparse/search.py`)
+picks the cheapest pattern (sinks + window, block top-p, vertical-and-slash, or dense) that keeps a target share
+of the exact attention mass. Per layer the cost model gives the prefill length from which the layer's layout
+beats dense SDPA (`cost_models/sparse_attention.py`): shorter prefills, decode steps and verify steps stay dense.
+The target coverage is a decision under the quality budget: most aggressive first, each measured by perplexity /
+KL / top-1 of the last `EVAL_TAIL` tokens of long corpus windows (those that see the most context) with sparse
+attention forced on, against the dense model. The plan is stored on each attention module (`optpass_sparse`) and
+in the checkpoint. Patterns follow StreamingLLM / MInference (A-shape, vertical-slash) and FlexPrefill /
+XAttention (block top-p with antidiagonal scoring).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from optpass.backends.kv import enable_compressed_attention
+from optpass.backends.kv.attention import support_reason
+from optpass.backends.sparse.attend import ATTRIBUTE
+from optpass.backends.sparse.patterns import PATTERNS, make_pattern
+from optpass.backends.sparse.plan import LayerSparsity
+from optpass.backends.sparse.search import DEFAULT_CANDIDATES, HeadScores, capture_queries_keys, choose, score_layer
+from optpass.cost_models.hardware import HardwareSpec
+from optpass.cost_models.sparse_attention import layer_crossover, prefill_estimate
+from optpass.errors import ConfigError
+from optpass.hf_compat import FULL, layer_kinds
+from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
+from optpass.quality import logits_kl, top1_agreement
+from optpass.registry import register_pass
+from optpass.sites import ModelGraph
+
+AUTO_COVERAGES = (0.9, 0.95, 0.98)  # tried most aggressive first under coverage="auto"
+ASSUMED_DENSITY = 0.25  # the planning estimate's layout density, before any calibration
+EVAL_TAIL = 1024
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig(PassConfig):
+    coverage: float | str = "auto"  # attention mass each head keeps; "auto": the lowest of AUTO_COVERAGES in budget
+    patterns: tuple[str, ...] = ("a_shape", "block_topp", "vertical_slash")
+    block: int = 64  # tokens per layout block
+    calibration_len: int = 4096  # tokens of the calibration forward the search reads
+    eval_len: int = 4096  # tokens per quality window (sparse forced on, whatever the crossover)
+    eval_windows: int = 1
+    # prefill length the cost model plans for; None = the captured example's (short: auto then leaves attention
+    # dense, since sparse attention only pays past its crossover; set e.g. 8192 for long prompts)
+    context: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.coverage != "auto" and not (isinstance(self.coverage, float) and 0 < self.coverage <= 1):
+            raise ConfigError(f"SparseAttentionConfig.coverage={self.coverage!r}; a float in (0, 1] or 'auto'")
+        unknown = sorted(set(self.patterns) - set(PATTERNS))
+        if unknown or not self.patterns:
+            raise ConfigError(f"SparseAttentionConfig.patterns {list(self.patterns)}: unknown {unknown}; "
+                              f"known: {sorted(set(PATTERNS) - {'dense'})}")
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ConfigError(f"SparseAttentionConfig.block={self.block}; a power of two >= 16")
+        for name in ("calibration_len", "eval_len"):
+            if getattr(self, name) < 2 * self.block:
+                raise ConfigError(f"SparseAttentionConfig.{name}={getattr(self, name)}; at least 2 blocks "
+                                  f"({2 * self.block} tokens)")
+        if self.eval_windows < 1:
+            raise ConfigError(f"SparseAttentionConfig.eval_windows={self.eval_windows}; at least 1")
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """layer index -> attention module (transformers' attention modules carry `layer_idx`)."""
+    return {m.layer_idx: m for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config") and any(
+                hasattr(m, p) for p in ("q_proj", "qkv_proj", "query_key_value", "c_attn"))}
+
+
+def install(model: nn.Module, layers: dict[int, LayerSparsity]) -> Callable[[], None]:
+    """Set each planned layer's `optpass_sparse`; returns the undo."""
+    modules = attention_modules(model)
+    before = {i: getattr(modules[i], ATTRIBUTE, None) for i in layers}
+    for i, plan in layers.items():
+        setattr(modules[i], ATTRIBUTE, plan)
+
+    def undo() -> None:
+        for i, plan in before.items():
+            if plan is None:
+                delattr(modules[i], ATTRIBUTE)
+            else:
+                setattr(modules[i], ATTRIBUTE, plan)
+    return undo
+
+
+def corpus_ids(model: nn.Module, length: int, count: int, offset: int) -> torch.Tensor:
+    """[count, length] token ids of corpus text (random ids for a model without a local tokenizer)."""
+    from optpass.adapters import tokenizer_for
+    from optpass.corpus import token_windows
+
+    tokenizer = tokenizer_for(model)
+    if tokenizer is not None:
+        return token_windows(tokenizer, window=length, count=count, offset_windows=offset)
+    g = torch.Generator().manual_seed(11 + offset)
+    return torch.randint(0, model.config.vocab_size, (count, length), generator=g)
+
+
+@torch.no_grad()
+def tail_quality(model: nn.Module, windows: torch.Tensor, reference: list[torch.Tensor]) -> dict[str, float]:
+    """Perplexity change, KL and top-1 agreement of the last EVAL_TAIL positions vs the dense `reference` logits."""
+    kls, top1s, ref_nll, new_nll = [], [], [], []
+    for ids, ref in zip(windows.split(1), reference):
+        tail = ref.shape[1]
+        new = model(input_ids=ids, use_cache=False, logits_to_keep=tail + 1).logits[:, :-1].float()
+        target = ids[:, -tail:]
+        kls.append(logits_kl(ref, new))
+        top1s.append(top1_agreement(ref, new))
+        ref_nll.append(nn.functional.cross_entropy(ref[0], target[0]))
+        new_nll.append(nn.functional.cross_entropy(new[0], target[0]))
+    ppl_ref, ppl_new = float(torch.stack(ref_nll).mean().exp()), float(torch.stack(new_nll).mean().exp())
+    return {"kl": sum(kls) / len(kls), "top1": sum(top1s) / len(top1s), "perplexity": ppl_new,
+            "ppl_increase": ppl_new / ppl_ref - 1}
+
+
+def _density_at(specs: list[dict[str, Any]], measured: list[float], block: int) -> Callable[[int], float]:
+    """Layer density (plus online estimation work) at prefill length S: static patterns are evaluated at S,
+    online ones keep the share measured at calibration length."""
+    patterns = [make_pattern(s) for s in specs]
+
+    def rho(seq: int) -> float:
+        from optpass.backends.sparse.layout import clip_causal, density
+
+        probe = torch.empty(1, 1, seq, 1)
+        total = 0.0
+        for pattern, dens in zip(patterns, measured):
+            if pattern.online:
+                total += dens + pattern.estimation_cost(block)
+            else:
+                total += float(density(clip_causal(pattern.block_mask(probe, probe, block)))[0])
+        return total / len(patterns)
+    return rho
+
+
+@register_pass
+class SparseAttentionPass(Pass):
+    name = "sparse_attention"
+    config_cls = SparseAttentionConfig
+    runs_after = ("quantize", "layer_skip")  # a removed block has no attention to plan
+    needs_calibration = True
+
+    def candidates(self, graph: ModelGraph, target: HardwareSpec) -> list[Candidate]:
+        sites = tuple(a.name for a in graph.attentions)
+        if graph.model_kind != "causal_lm" or not sites:
+            return [Candidate.skip(self.name, sites, "sparse prefill attention needs a causal LM with attention sites")]
+        ctx = self.config.context or max(graph.estimate_shape[2], 1)
+        est = prefill_estimate(graph, target, ASSUMED_DENSITY, ctx, self.config.block)
+        label = f"block-sparse prefill attention @ {ctx} tokens (planned at density {ASSUMED_DENSITY})"
+        return [Candidate(self.name, sites, {"context": ctx}, est, label=label, paths=("module",))]
+
+    def decisions(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> list[Alternatives] | PassResult:
+        reason = support_reason(model)
+        if reason:
+            return PassResult(self.name, model, False, reason=reason)
+        full = [i for i, k in enumerate(layer_kinds(model.config)) if k.kind == FULL]
+        modules = attention_modules(model)
+        layers = [i for i in full if i in modules]
+        if not layers:
+            return PassResult(self.name, model, False, reason="no full-attention layer to make sparse (sliding-window "
+                              "layers already attend to a bounded window)")
+        cfg = self.config
+        limit = getattr(model.config, "max_position_embeddings", None) or cfg.calibration_len
+        cal_len, eval_len = min(cfg.calibration_len, limit), min(cfg.eval_len, limit)
+        enable_compressed_attention(model)
+        started = time.perf_counter()
+        records = capture_queries_keys(model, corpus_ids(model, cal_len, 1, 0))
+        candidates = [c for c in DEFAULT_CANDIDATES if c["name"] in cfg.patterns]
+        scores = {i: score_layer(*records[i], cfg.block, candidates) for i in layers if i in records}
+        del records
+        self._search_s = time.perf_counter() - started
+        self._cal_len = cal_len
+        windows = corpus_ids(model, eval_len, cfg.eval_windows, 1)
+        tail = min(EVAL_TAIL, eval_len // 2)
+        reference = [model(input_ids=w, use_cache=False, logits_to_keep=tail + 1).logits[:, :-1].float()
+                     for w in windows.split(1)]
+        sites = {getattr(model.get_submodule(a.name), "layer_idx", None): a for a in context.graph.attentions} \
+            if context.graph else {}
+        band = getattr(context.target, "error_band", 0.05)
+
+        def option(target: float) -> Option:
+            plans, summary = self._layers(scores, target, sites, context.target, band)
+            forced = {i: LayerSparsity(p.heads, 2, p.block) for i, p in plans.items()}
+
+            def measure(m: nn.Module) -> dict[str, float]:
+                undo = install(m, forced)  # quality where sparse runs, whatever the crossover
+                try:
+                    return tail_quality(m, windows, reference)
+                finally:
+                    undo()
+                    install(m, plans)
+            return Option(f"coverage {target}", lambda m: install(m, plans), measure=measure,
+                          value=(plans, summary))
+
+        targets = AUTO_COVERAGES if cfg.coverage == "auto" else (cfg.coverage,)
+        return [Alternatives("coverage", [option(t) for t in targets], monotone=True)]
+
+    def _layers(self, scores: dict[int, HeadScores], target: float, sites: dict[int, Any], spec: HardwareSpec,
+                band: float) -> tuple[dict[int, LayerSparsity], dict[str, Any]]:
+        plans, summary = {}, {}
+        for i, layer_scores in scores.items():
+            specs, covs, dens = choose(layer_scores, target)
+            site = sites.get(i)
+            cross = layer_crossover(site, spec, _density_at(specs, dens, self.config.block), self.config.block, band) \
+                if site is not None else None
+            names = sorted({s["name"] for s in specs})
+            summary[str(i)] = {"coverage": round(sum(covs) / len(covs), 4), "density": round(sum(dens) / len(dens), 4),
+                               "patterns": names, "from_tokens": cross}
+            if cross is not None and names != ["dense"]:
+                plans[i] = LayerSparsity(tuple(specs), cross, self.config.block)
+        return plans, summary
+
+    def finish(self, model: nn.Module, kept: dict[str, Option | None], outcomes: dict[str, list[Outcome]],
+               context: ApplyContext) -> PassResult:
+        tried = outcomes["coverage"]
+        details: dict[str, Any] = {"search_s": round(self._search_s, 1), "calibration_tokens": self._cal_len,
+                                   "tried": [o.to_dict() for o in tried]}
+        if kept["coverage"] is None:
+            return PassResult(self.name, model, False, details=details,
+                              reason=f"no coverage target meets the quality budget ({tried[-1].why})")
+        plans, summary = kept["coverage"].value
+        details["layers"] = summary
+        if not plans:
+            install(model, {})
+            return PassResult(self.name, model, False, details=details, reason="the cost model finds no layer where "
+                              "sparse attention beats dense SDPA at any prefill length up to 128k; attention stays dense")
+        shortest = min(p.min_len for p in plans.values())
+        details["sparse_from_tokens"] = shortest
+        sites = tuple(n for n, _ in model.named_modules() if getattr(_, ATTRIBUTE, None) is not None)
+        note = f"prefills shorter than {shortest} tokens stay dense (below the cost model's crossover)"
+        return PassResult(self.name, model, True, sites, reason=note, details=details)
+
+    def saved_state(self, model: nn.Module) -> dict[str, Any]:
+        return {"layers": {str(i): getattr(m, ATTRIBUTE).to_dict() for i, m in attention_modules(model).items()
+                           if getattr(m, ATTRIBUTE, None) is not None}}
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        enable_compressed_attention(model)
+        install(model, {int(i): LayerSparsity.from_dict(d) for i, d in state.get("layers", {}).items()})
+        return model

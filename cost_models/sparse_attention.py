@@ -11,24 +11,31 @@ from optpass.cost_models.hardware import HardwareSpec
 from optpass.sites import AttentionSite, ModelGraph
 
 MAX_SEQ = 131072
+# a block-sparse call's fixed work on CPU beyond the kernel: block indices, the BlockMask, the compiled FlexAttention
+# dispatch; measured at 1.4-1.7 ms per layer call at 128-256 tokens on a 2-core AVX-512 EPYC (SDPA there: 0.3-1 ms)
+CPU_CALL_FLOOR = 1.5e-3
 
 
-def attention_pair(site: AttentionSite, spec: HardwareSpec, seq: int, rho: float, block: int) -> tuple[float, float]:
-    """(dense SDPA, block-sparse) seconds of one causal prefill of `seq` tokens at batch 1."""
+def attention_pair(site: AttentionSite, spec: HardwareSpec, seq: int, rho: float, block: int,
+                   choosing: float = 0.0) -> tuple[float, float]:
+    """(dense SDPA, block-sparse) seconds of one causal prefill of `seq` tokens at batch 1; `choosing` is the online
+    block choice's work as a share of dense SDPA's time."""
     at = {F.B: 1, F.S: seq, F.S_ctx: seq}
     dense = F.evaluate(F.sdpa_time(spec, site.num_heads, site.num_kv_heads, site.head_dim).subs(at))
     sparse = F.evaluate(F.sparse_attention_time(spec, site.num_heads, site.num_kv_heads, site.head_dim, min(rho, 1.0),
                                                 block).subs(at))
-    return dense, sparse
+    return dense, sparse + choosing * dense + (CPU_CALL_FLOOR if spec.kind == "cpu" else 0.0)
 
 
-def layer_crossover(site: AttentionSite, spec: HardwareSpec, rho_at: Callable[[int], float], block: int,
+def layer_crossover(site: AttentionSite, spec: HardwareSpec, rho_at: Callable[[int], tuple[float, float]], block: int,
                     band: float) -> int | None:
     """Shortest prefill from which sparse attention beats dense by more than `band`, or None (never, up to
-    MAX_SEQ). Density may depend on the length (a fixed window covers less of a longer prompt)."""
+    MAX_SEQ). `rho_at(S)` gives (density, online choice work) at length S: a fixed window covers less of a
+    longer prompt."""
     def pays(seq: float) -> float:
         s = max(int(seq), 2 * block)
-        dense, sparse = attention_pair(site, spec, s, rho_at(s), block)
+        rho, choosing = rho_at(s)
+        dense, sparse = attention_pair(site, spec, s, rho, block, choosing)
         return sparse - dense * (1 - band)
 
     if pays(MAX_SEQ) >= 0:
@@ -46,5 +53,5 @@ def prefill_estimate(graph: ModelGraph, spec: HardwareSpec, rho: float, context:
     for site in graph.attentions:
         dense, sparse = attention_pair(site, spec, context, rho, block)
         saved += dense - sparse
-    cross = layer_crossover(graph.attentions[0], spec, lambda s: rho, block, 0.0) if graph.attentions else None
+    cross = layer_crossover(graph.attentions[0], spec, lambda s: (rho, 0.0), block, 0.0) if graph.attentions else None
     return RewriteEstimate(before, before - saved, 0.0, cross, tokens=context)

@@ -123,22 +123,22 @@ def tail_quality(model: nn.Module, windows: torch.Tensor, reference: list[torch.
             "ppl_increase": ppl_new / ppl_ref - 1}
 
 
-def _density_at(specs: list[dict[str, Any]], measured: list[float], block: int) -> Callable[[int], float]:
-    """Layer density (plus online estimation work) at prefill length S: static patterns are evaluated at S,
-    online ones keep the share measured at calibration length."""
+def _density_at(specs: list[dict[str, Any]], measured: list[float], block: int) -> Callable[[int], tuple[float, float]]:
+    """(layer density, online block-choice work) at prefill length S: static patterns are evaluated at S, online
+    ones keep the share measured at calibration length."""
     patterns = [make_pattern(s) for s in specs]
 
-    def rho(seq: int) -> float:
+    def rho(seq: int) -> tuple[float, float]:
         from optpass.backends.sparse.layout import clip_causal, density
 
         probe = torch.empty(1, 1, seq, 1)
-        total = 0.0
+        kept = choosing = 0.0
         for pattern, dens in zip(patterns, measured):
             if pattern.online:
-                total += dens + pattern.estimation_cost(block)
+                kept, choosing = kept + dens, choosing + pattern.estimation_cost(block)
             else:
-                total += float(density(clip_causal(pattern.block_mask(probe, probe, block)))[0])
-        return total / len(patterns)
+                kept += float(density(clip_causal(pattern.block_mask(probe, probe, block)))[0])
+        return kept / len(patterns), choosing / len(patterns)
     return rho
 
 

@@ -136,7 +136,7 @@ def _optimize(model, budget: str, **overrides):
 
 def test_pass_applies_within_budget_and_reports_its_crossover_and_layers(tmp_path):
     model = tiny_llama(layers=2).eval()
-    out = _optimize(model, "ppl:50%")
+    out = _optimize(model, "ppl:50%", patterns=("a_shape",))  # random weights attend diffusely: windows only
     record = out.optpass_report.passes[0]
     assert record.status == "applied", record.reason
     assert "stay dense" in record.reason and "below the cost model's crossover" in record.reason

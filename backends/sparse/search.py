@@ -22,7 +22,7 @@ from optpass.backends.sparse.patterns import make_pattern
 DENSE = {"name": "dense"}
 DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     *({"name": "a_shape", "sink": 64, "window": w} for w in (128, 256, 512, 1024, 2048)),
-    *({"name": "block_topp", "p": p, "samples": 4} for p in (0.8, 0.9, 0.95)),
+    *({"name": "block_topp", "p": p, "samples": 2} for p in (0.8, 0.9, 0.95)),
     *({"name": "vertical_slash", "vertical": v, "slash": s, "last": 64} for v, s in ((16, 4), (64, 16), (256, 64))),
 )
 

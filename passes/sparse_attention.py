@@ -40,6 +40,7 @@ from optpass.sites import ModelGraph
 AUTO_COVERAGES = (0.9, 0.95, 0.98)  # tried most aggressive first under coverage="auto"
 ASSUMED_DENSITY = 0.25  # the planning estimate's layout density, before any calibration
 EVAL_TAIL = 1024
+TIMED_LENGTHS = (1024, 2048, 4096)  # prefill lengths at which each layer's layout is timed against SDPA
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,26 @@ def _density_at(specs: list[dict[str, Any]], measured: list[float], block: int) 
     return rho
 
 
+def _measured(plans: dict[int, LayerSparsity], summary: dict[str, Any], records: dict[int, tuple], lengths: list[int],
+              band: float) -> dict[int, LayerSparsity]:
+    """Each layer's crossover: the later of the cost model's and the measured one (layout vs SDPA timed on the
+    calibration queries / keys at `lengths`); both go into the summary."""
+    from optpass.backends.sparse.timing import measured_crossover
+
+    out = {}
+    for i, plan in plans.items():
+        row = summary[str(i)]
+        if not lengths:
+            out[i] = plan
+            continue
+        measured, speedups = measured_crossover(plan, *records[i], lengths, band)
+        row.update(predicted_from=plan.min_len, measured_from=measured,
+                   measured_speedup={str(n): round(v, 3) for n, v in speedups.items()})
+        row["from_tokens"] = max(plan.min_len, measured)
+        out[i] = LayerSparsity(plan.heads, row["from_tokens"], plan.block)
+    return out
+
+
 @register_pass
 class SparseAttentionPass(Pass):
     name = "sparse_attention"
@@ -176,7 +197,6 @@ class SparseAttentionPass(Pass):
         records = capture_queries_keys(model, corpus_ids(model, cal_len, 1, 0))
         candidates = [c for c in DEFAULT_CANDIDATES if c["name"] in cfg.patterns]
         scores = {i: score_layer(*records[i], cfg.block, candidates) for i in layers if i in records}
-        del records
         self._search_s = time.perf_counter() - started
         self._cal_len = cal_len
         windows = corpus_ids(model, eval_len, cfg.eval_windows, 1)
@@ -187,19 +207,27 @@ class SparseAttentionPass(Pass):
             if context.graph else {}
         band = getattr(context.target, "error_band", 0.05)
 
+        lengths = [n for n in TIMED_LENGTHS if 2 * cfg.block <= n <= cal_len]
+
         def option(target: float) -> Option:
             plans, summary = self._layers(scores, target, sites, context.target, band)
             forced = {i: LayerSparsity(p.heads, 2, p.block) for i, p in plans.items()}
+            settled: dict[int, LayerSparsity] = {}
+
+            def settle() -> dict[int, LayerSparsity]:
+                """The predicted crossovers checked against measured ones (once, when this option is tried)."""
+                if not settled:
+                    settled.update(_measured(plans, summary, records, lengths, band))
+                return settled
 
             def measure(m: nn.Module) -> dict[str, float]:
                 undo = install(m, forced)  # quality where sparse runs, whatever the crossover
                 try:
                     return tail_quality(m, windows, reference)
                 finally:
-                    undo()
-                    install(m, plans)
-            return Option(f"coverage {target}", lambda m: install(m, plans), measure=measure,
-                          value=(plans, summary))
+                    undo()  # back to this option's own plans
+            return Option(f"coverage {target}", lambda m: install(m, settle()), measure=measure,
+                          value=(settled, summary))
 
         targets = AUTO_COVERAGES if cfg.coverage == "auto" else (cfg.coverage,)
         return [Alternatives("coverage", [option(t) for t in targets], monotone=True)]
@@ -229,6 +257,9 @@ class SparseAttentionPass(Pass):
                               reason=f"no coverage target meets the quality budget ({tried[-1].why})")
         plans, summary = kept["coverage"].value
         details["layers"] = summary
+        details["note"] = ("per layer: predicted_from is the cost model's crossover, measured_from the shortest "
+                           f"timed length {TIMED_LENGTHS} from which the layout beat SDPA by the error band; the later "
+                           "one is kept (from_tokens)")
         if not plans:
             install(model, {})
             return PassResult(self.name, model, False, details=details, reason="the cost model finds no layer where "

@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--passkey", default="4096,8192")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--calibration-len", type=int, default=4096)
-    ap.add_argument("--eval-len", type=int, default=4096)
+    ap.add_argument("--eval-len", type=int, default=None, help="quality window of the pass (default: the context)")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     torch.manual_seed(0)

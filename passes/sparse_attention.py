@@ -49,7 +49,9 @@ class SparseAttentionConfig(PassConfig):
     patterns: tuple[str, ...] = ("a_shape", "block_topp", "vertical_slash")
     block: int = 64  # tokens per layout block
     calibration_len: int = 4096  # tokens of the calibration forward the search reads
-    eval_len: int = 4096  # tokens per quality window (sparse forced on, whatever the crossover)
+    # tokens per quality window (sparse forced on, whatever the crossover); None = the planned context, at least
+    # calibration_len: the budget is checked at the length the plan is for (a 4k check under-reports 8k damage)
+    eval_len: int | None = None
     eval_windows: int = 1
     # prefill length the cost model plans for; None = the captured example's (short: auto then leaves attention
     # dense, since sparse attention only pays past its crossover; set e.g. 8192 for long prompts)
@@ -65,7 +67,7 @@ class SparseAttentionConfig(PassConfig):
         if self.block < 16 or self.block & (self.block - 1):
             raise ConfigError(f"SparseAttentionConfig.block={self.block}; a power of two >= 16")
         for name in ("calibration_len", "eval_len"):
-            if getattr(self, name) < 2 * self.block:
+            if getattr(self, name) is not None and getattr(self, name) < 2 * self.block:
                 raise ConfigError(f"SparseAttentionConfig.{name}={getattr(self, name)}; at least 2 blocks "
                                   f"({2 * self.block} tokens)")
         if self.eval_windows < 1:
@@ -191,14 +193,15 @@ class SparseAttentionPass(Pass):
                               "layers already attend to a bounded window)")
         cfg = self.config
         limit = getattr(model.config, "max_position_embeddings", None) or cfg.calibration_len
-        cal_len, eval_len = min(cfg.calibration_len, limit), min(cfg.eval_len, limit)
+        wanted = cfg.eval_len or max(cfg.context or 0, cfg.calibration_len)
+        cal_len, eval_len = min(cfg.calibration_len, limit), min(wanted, limit)
         enable_compressed_attention(model)
         started = time.perf_counter()
         records = capture_queries_keys(model, corpus_ids(model, cal_len, 1, 0))
         candidates = [c for c in DEFAULT_CANDIDATES if c["name"] in cfg.patterns]
         scores = {i: score_layer(*records[i], cfg.block, candidates) for i in layers if i in records}
         self._search_s = time.perf_counter() - started
-        self._cal_len = cal_len
+        self._cal_len, self._eval_len = cal_len, eval_len
         windows = corpus_ids(model, eval_len, cfg.eval_windows, 1)
         tail = min(EVAL_TAIL, eval_len // 2)
         reference = [model(input_ids=w, use_cache=False, logits_to_keep=tail + 1).logits[:, :-1].float()
@@ -251,6 +254,7 @@ class SparseAttentionPass(Pass):
                context: ApplyContext) -> PassResult:
         tried = outcomes["coverage"]
         details: dict[str, Any] = {"search_s": round(self._search_s, 1), "calibration_tokens": self._cal_len,
+                                   "quality_window_tokens": self._eval_len,
                                    "tried": [o.to_dict() for o in tried]}
         if kept["coverage"] is None:
             return PassResult(self.name, model, False, details=details,

@@ -56,10 +56,23 @@ def output_cache(model: nn.Module, output: Any) -> Any:
 
 @dataclass(frozen=True)
 class LayerKind:
-    """How one decoder layer attends: over everything (`full_attention`) or a trailing window."""
+    """How one decoder layer attends: over everything (`full_attention`) or a trailing window (plus, for a
+    layer the `linear_attention` pass made local, its first `sink` tokens)."""
 
     kind: str
     window: int | None = None
+    sink: int = 0
+
+
+# config attribute: {"layer index": [sink, window]} of full-attention layers made local (sliding window + sinks);
+# a plain dict so it survives config.json
+LOCAL_LAYERS = "optpass_local_layers"
+
+
+def local_layers(config: Any) -> dict[int, tuple[int, int]]:
+    """layer index -> (sink, window) of the layers optpass made local."""
+    found = getattr(text_config(config), LOCAL_LAYERS, None) or {}
+    return {int(i): (int(v[0]), int(v[1])) for i, v in found.items()}
 
 
 def text_config(config: Any) -> Any:
@@ -75,4 +88,7 @@ def layer_kinds(config: Any) -> list[LayerKind]:
     n = int(cfg.num_hidden_layers)
     window = getattr(cfg, "sliding_window", None)
     types = list(getattr(cfg, "layer_types", None) or [SLIDING if window else FULL] * n)
-    return [LayerKind(t, int(window) if t == SLIDING and window else None) for t in types[:n]]
+    kinds = [LayerKind(t, int(window) if t == SLIDING and window else None) for t in types[:n]]
+    for i, (sink, local_window) in local_layers(config).items():
+        kinds[i] = LayerKind(SLIDING, local_window, sink)
+    return kinds

@@ -100,7 +100,7 @@ def _eval_windows(model: nn.Module, calibration: list[Any], context: int = EVAL_
 class KVCachePass(Pass):
     name = "kv_cache"
     config_cls = KVCacheConfig
-    runs_after = ("quantize",)  # so that the compiled decoder quantize installs is given the compressed cache
+    runs_after = ("quantize", "linear_attention")  # so that the compiled decoder quantize installs is given the compressed cache
     needs_calibration = True
 
     def candidates(self, graph: ModelGraph, target: HardwareSpec) -> list[Candidate]:

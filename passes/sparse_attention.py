@@ -33,13 +33,12 @@ from optpass.cost_models.sparse_attention import layer_crossover, prefill_estima
 from optpass.errors import ConfigError
 from optpass.hf_compat import FULL, layer_kinds
 from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
-from optpass.quality import logits_kl, top1_agreement
+from optpass.long_context import EVAL_TAIL, corpus_ids, reference_logits, tail_quality
 from optpass.registry import register_pass
 from optpass.sites import ModelGraph
 
 AUTO_COVERAGES = (0.9, 0.95, 0.98)  # tried most aggressive first under coverage="auto"
 ASSUMED_DENSITY = 0.25  # the planning estimate's layout density, before any calibration
-EVAL_TAIL = 1024
 TIMED_LENGTHS = (1024, 2048, 4096)  # prefill lengths at which each layer's layout is timed against SDPA
 
 
@@ -97,35 +96,6 @@ def install(model: nn.Module, layers: dict[int, LayerSparsity]) -> Callable[[], 
     return undo
 
 
-def corpus_ids(model: nn.Module, length: int, count: int, offset: int) -> torch.Tensor:
-    """[count, length] token ids of corpus text (random ids for a model without a local tokenizer)."""
-    from optpass.adapters import tokenizer_for
-    from optpass.corpus import token_windows
-
-    tokenizer = tokenizer_for(model)
-    if tokenizer is not None:
-        return token_windows(tokenizer, window=length, count=count, offset_windows=offset)
-    g = torch.Generator().manual_seed(11 + offset)
-    return torch.randint(0, model.config.vocab_size, (count, length), generator=g)
-
-
-@torch.no_grad()
-def tail_quality(model: nn.Module, windows: torch.Tensor, reference: list[torch.Tensor]) -> dict[str, float]:
-    """Perplexity change, KL and top-1 agreement of the last EVAL_TAIL positions vs the dense `reference` logits."""
-    kls, top1s, ref_nll, new_nll = [], [], [], []
-    for ids, ref in zip(windows.split(1), reference):
-        tail = ref.shape[1]
-        new = model(input_ids=ids, use_cache=False, logits_to_keep=tail + 1).logits[:, :-1].float()
-        target = ids[:, -tail:]
-        kls.append(logits_kl(ref, new))
-        top1s.append(top1_agreement(ref, new))
-        ref_nll.append(nn.functional.cross_entropy(ref[0], target[0]))
-        new_nll.append(nn.functional.cross_entropy(new[0], target[0]))
-    ppl_ref, ppl_new = float(torch.stack(ref_nll).mean().exp()), float(torch.stack(new_nll).mean().exp())
-    return {"kl": sum(kls) / len(kls), "top1": sum(top1s) / len(top1s), "perplexity": ppl_new,
-            "ppl_increase": ppl_new / ppl_ref - 1}
-
-
 def _density_at(specs: list[dict[str, Any]], measured: list[float], block: int) -> Callable[[int], tuple[float, float]]:
     """(layer density, online block-choice work) at prefill length S: static patterns are evaluated at S, online
     ones keep the share measured at calibration length."""
@@ -169,7 +139,7 @@ def _measured(plans: dict[int, LayerSparsity], summary: dict[str, Any], records:
 class SparseAttentionPass(Pass):
     name = "sparse_attention"
     config_cls = SparseAttentionConfig
-    runs_after = ("quantize", "layer_skip")  # a removed block has no attention to plan
+    runs_after = ("quantize", "layer_skip", "linear_attention")  # removed blocks, local layers: nothing to plan
     needs_calibration = True
 
     def candidates(self, graph: ModelGraph, target: HardwareSpec) -> list[Candidate]:
@@ -204,8 +174,7 @@ class SparseAttentionPass(Pass):
         self._cal_len, self._eval_len = cal_len, eval_len
         windows = corpus_ids(model, eval_len, cfg.eval_windows, 1)
         tail = min(EVAL_TAIL, eval_len // 2)
-        reference = [model(input_ids=w, use_cache=False, logits_to_keep=tail + 1).logits[:, :-1].float()
-                     for w in windows.split(1)]
+        reference = reference_logits(model, windows, tail)
         sites = {getattr(model.get_submodule(a.name), "layer_idx", None): a for a in context.graph.attentions} \
             if context.graph else {}
         band = getattr(context.target, "error_band", 0.05)

@@ -3,7 +3,8 @@
 The model keeps computing its own projections, norms and RoPE; only the attention call goes through here.
 `optpass|<inner>` wraps the implementation the model used before (`sdpa`, `eager`, ...): layers whose cache is
 not optpass's get exactly that implementation, except long prefills of layers the sparse_attention pass
-planned (`backends/sparse/attend.py`). A cache layer of optpass's (`CompressedLayer`) *claims* the
+planned (`backends/sparse/attend.py`) and layers made local, whose mask is narrowed to sinks + window
+(`backends/kv/band.py`). A cache layer of optpass's (`CompressedLayer`) *claims* the
 attention call that follows its `update()` (every transformers attention calls `cache.update` and then the
 attention function, for the same layer): at prefill the inner implementation attends exactly and the layer
 then scores and compresses the prompt; at decode the layer attends over its own slots (per-head validity,
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optpass.backends.kv.band import banded, local_window
 from optpass.backends.sparse.attend import sparse_prefill
 from optpass.errors import UnsupportedModelError
 from optpass.hf_compat import FULL, SLIDING, layer_kinds
@@ -82,17 +84,26 @@ def _attention_for(inner: str) -> Callable:
                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         layer = _take_claim(module)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if layer is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 \
+                and attention_mask.shape[-1] > key.shape[2]:
+            # a model with one mask for all layers (Llama) sizes it by its first full layer's static cache; an
+            # optpass layer's prompt holds positions 0..S-1, the mask's first S columns (decode ignores the mask)
+            attention_mask = attention_mask[..., :key.shape[2]]
         for observer in _observers:
             observer(module, query, key, attention_mask, scale)
 
         def dense() -> tuple[torch.Tensor, torch.Tensor | None]:
-            sparse = sparse_prefill(module, query, key, value, attention_mask, scale, kwargs)
-            if sparse is not None:  # a long prefill of a layer the sparse_attention pass planned
-                return sparse, None
+            mask, local = attention_mask, local_window(module)
+            if local is not None:  # a layer made local: the model's mask narrowed to sinks + window
+                mask = banded(attention_mask, query.shape[2], key.shape[2], *local, query.device)
+            else:
+                sparse = sparse_prefill(module, query, key, value, attention_mask, scale, kwargs)
+                if sparse is not None:  # a long prefill of a layer the sparse_attention pass planned
+                    return sparse, None
             fn = _inner(inner, module)
-            if _row_exact and query.shape[2] > 1 and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-                return _per_query(fn, module, query, key, value, attention_mask, scaling, dropout, kwargs)
-            return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            if _row_exact and query.shape[2] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                return _per_query(fn, module, query, key, value, mask, scaling, dropout, kwargs)
+            return fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
         if layer is None:
             return dense()

@@ -121,7 +121,7 @@ class CompressedKVCache(Cache):
         window, capacities = s.shapes(len(full), context) if full else (0, [])
         budget = dict(zip(full, capacities))
         self.layers = [CompressedLayer(budget[i], window, s.sink, s.bits, get_policy(s.policy), s.merge_threshold, i)
-                       if k.kind == FULL else RingLayer(int(k.window), s.bits, i)
+                       if k.kind == FULL else RingLayer(int(k.window), s.bits, i, sink=k.sink)
                        for i, k in enumerate(self.kinds)]
         for layer in self.layers:
             layer.record = self.record
@@ -161,7 +161,7 @@ def static_cache(model_config: Any, max_cache_len: int, slack: int = 0) -> Cache
     kinds = _kinds(model_config)
     if all(k.kind == FULL for k in kinds):
         return StaticCache(config=model_config, max_cache_len=max_cache_len)
-    return Cache(layers=[StaticLayer(max_cache_len) if k.kind == FULL else RingLayer(int(k.window), None, i, slack)
+    return Cache(layers=[StaticLayer(max_cache_len) if k.kind == FULL else RingLayer(int(k.window), None, i, slack, k.sink)
                          for i, k in enumerate(kinds)])
 
 

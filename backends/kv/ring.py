@@ -1,5 +1,7 @@
 """A sliding-window layer's cache: a static ring of exactly the model's `window` slots, token `t` at slot
-`t % window`, optionally packed int8 / int4 (`SlotStore`, KIVI layout).
+`t % window`, optionally packed int8 / int4 (`SlotStore`, KIVI layout); optionally `sink` more slots ahead of
+the ring that keep each row's first `sink` real tokens for good (StreamingLLM's attention sinks: a full-attention
+layer made local by the `linear_attention` pass attends to sinks + window, `backends/kv/band.py`).
 
 Gemma-2/3 and Mistral attend to the last `window` tokens only, so the oldest slot is always the one to
 overwrite: no scores, no eviction search. transformers' own static sliding layer branches on a Python counter,
@@ -18,12 +20,13 @@ from optpass.backends.kv.storage import SlotStore
 
 class RingLayer(OptpassLayer):
     is_sliding = True
-    storage_names = ("age", "t")
 
-    def __init__(self, window: int, bits: int | None = None, layer_idx: int = 0, slack: int = 0) -> None:
+    def __init__(self, window: int, bits: int | None = None, layer_idx: int = 0, slack: int = 0, sink: int = 0) -> None:
         super().__init__()
         # `slack` extra slots keep the tokens a rejected draft overwrote (speculative decoding rolls back)
-        self.window, self.capacity, self.bits, self.layer_idx = window, window + slack, bits, layer_idx
+        self.window, self.ring, self.sink, self.bits, self.layer_idx = window, window + slack, sink, bits, layer_idx
+        self.capacity = sink + self.ring  # slots [0, sink) hold the sinks, the rest is the ring
+        self.storage_names = ("age", "t", "sinks") if sink else ("age", "t")
         self.seen = 0
         self.store: SlotStore | None = None
         self.record = False  # keep the prompt's (q, k, v, valid, scaling) for `CompressedKVCache.replay`
@@ -33,6 +36,7 @@ class RingLayer(OptpassLayer):
         self.store = SlotStore(batch, heads, self.capacity, head_dim, self.bits, dtype, device)
         self.age = torch.full((batch, self.capacity), -1, dtype=torch.int32, device=device)  # -1 = empty slot
         self.t = torch.zeros((), dtype=torch.long, device=device)
+        self.sinks = torch.zeros(batch, dtype=torch.int32, device=device)  # sink slots filled per row
         self.keys = self.values = None
         self.is_initialized = True
 
@@ -41,6 +45,7 @@ class RingLayer(OptpassLayer):
         if self.store is not None:
             self.t.zero_()
             self.age.fill_(-1)
+            self.sinks.zero_()
 
     def prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
                 scaling: float) -> None:
@@ -57,40 +62,67 @@ class RingLayer(OptpassLayer):
         self.seen = key.shape[2]
 
     def _fill(self, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """Keep the prompt's last `window` tokens (padding stays an empty slot)."""
+        """Keep each row's first `sink` real tokens in the sink slots and the prompt's last tokens in the ring
+        (padding, and a sink already kept, stay empty ring slots)."""
         b, h, s, _ = key.shape
         if valid is None:
             valid = torch.ones(b, s, dtype=torch.bool, device=key.device)
         self.age.fill_(-1)
         self.store.set_key_scale(key, valid)
-        n = min(s, self.capacity)
+        is_sink = valid & (valid.cumsum(1) <= self.sink)
+        if self.sink:
+            self._fill_sinks(key, value, valid)
+        n = min(s, self.ring)
         positions = torch.arange(s - n, s, device=key.device)
-        slots = positions % self.capacity
+        slots = self.sink + positions % self.ring
         self.store.write(slots.expand(b, h, n), key[:, :, s - n:], value[:, :, s - n:])
-        self.age[:, slots] = torch.where(valid[:, s - n:], positions, -1).to(torch.int32)
+        kept = valid[:, s - n:] & ~is_sink[:, s - n:]
+        self.age[:, slots] = torch.where(kept, positions, -1).to(torch.int32)
         self.t.fill_(s)
+
+    def _fill_sinks(self, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor) -> None:
+        b, h, s, d = key.shape
+        rank = valid.cumsum(1)
+        wanted = torch.arange(1, self.sink + 1, device=key.device)
+        match = (rank[:, None, :] == wanted[None, :, None]) & valid[:, None, :]  # [B, sink, S]
+        found, position = match.any(-1), match.int().argmax(-1)  # [B, sink]
+        index = position[:, None, :, None].expand(b, h, self.sink, d)
+        slots = torch.arange(self.sink, device=key.device).expand(b, h, self.sink)
+        self.store.write(slots, key.gather(2, index), value.gather(2, index))
+        self.age[:, :self.sink] = torch.where(found, position, -1).to(torch.int32)
+        self.sinks.copy_(found.sum(1))
 
     is_croppable = True
 
     def crop(self, tokens_to_remove: int) -> None:
         """transformers' convention for static layers: `crop(-n)` forgets the last n tokens (a rejected draft);
         their slots are overwritten next and masked until then."""
-        if tokens_to_remove > 0 or -tokens_to_remove > self.capacity - self.window:
+        if tokens_to_remove > 0 or -tokens_to_remove > self.ring - self.window:
             raise RuntimeError(f"ring layer: cannot roll back {-tokens_to_remove} tokens with "
-                               f"{self.capacity - self.window} slack slots")
+                               f"{self.ring - self.window} slack slots")
         self.t.sub_(-tokens_to_remove)
         self.seen += tokens_to_remove
+        if self.sink:  # a rolled-back token that had become a sink (a prompt shorter than `sink`) is forgotten
+            stale = self.age[:, :self.sink] >= self.t.to(torch.int32)
+            self.age[:, :self.sink].masked_fill_(stale, -1)
+            self.sinks.sub_(stale.sum(1).to(torch.int32))
 
     def decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                 softcap: float | None) -> torch.Tensor:
-        """Write the new token over the oldest slot, then attend over the filled slots. [B, Hq, 1, D]"""
+        """Write the new token over the oldest ring slot (or into the next sink slot while a row has fewer than
+        `sink` tokens), then attend over the sinks and the window. [B, Hq, 1, D]"""
         b, h, _, _ = key.shape
-        slot = (self.t % self.capacity).view(1)
-        self.store.write(slot.expand(b, h, 1), key, value)
         now = self.t.to(torch.int32)
-        self.age.index_copy_(1, slot, now.expand(b, 1))
-        # the last `window` positions up to now (slots ahead of now are a rolled-back draft's)
-        valid = ((self.age >= 0) & (self.age > now - self.window) & (self.age <= now))[:, None, None, :]  # [B, 1, 1, C]
+        slot = (self.sink + self.t % self.ring).view(1).expand(b)
+        if self.sink:
+            to_sink = self.sinks < self.sink
+            slot = torch.where(to_sink, self.sinks.clamp_max(self.sink - 1).long(), slot)
+            self.sinks.add_(to_sink.to(torch.int32))
+        self.store.write(slot.view(b, 1, 1).expand(b, h, 1), key, value)
+        self.age.scatter_(1, slot.view(b, 1), now.expand(b, 1))
+        # sinks, and the last `window` positions up to now (slots ahead of now are a rolled-back draft's)
+        recent = (self.age > now - self.window) | (torch.arange(self.capacity, device=key.device) < self.sink)
+        valid = ((self.age >= 0) & recent & (self.age <= now))[:, None, None, :]  # [B, 1, 1, C]
         keys, values = self.store.decode_keys().to(query.dtype), self.store.decode_values().to(query.dtype)
         self.t.add_(1)
         # one query per head: plain ops (SDPA's per-call overhead was ~0.1 ms per layer at one query)

@@ -105,6 +105,7 @@ class DecodeEngine:
         """(bucket key, cache factory, the length of the static attention mask steps pass, or None)."""
         from optpass.backends.kv import enable_compressed_attention
         from optpass.backends.kv.cache import CompressedKVCache, has_sliding_layers, static_cache
+        from optpass.hf_compat import local_layers
 
         config = self.model.config
         # optpass's cache layers attend through optpass; so do verify steps (one query at a time, `row_exact`)
@@ -115,7 +116,8 @@ class DecodeEngine:
             # optpass's layers mask padding by their own slot validity: steps pass no mask
             return (batch, "kv", context), lambda: CompressedKVCache(self.kv_settings, config, context), None
         length = cache_bucket(needed + slack, self.plan.max_cache_len)
-        return (batch, length, slack), lambda: static_cache(config, length, slack), length
+        local = tuple(sorted(local_layers(config).items()))  # layers made local after this engine was built
+        return (batch, length, slack, local), lambda: static_cache(config, length, slack), length
 
     def _make_step(self, cache: Any) -> Callable:
         model = self.model

@@ -1,0 +1,187 @@
+"""Linear attention, honestly: full-attention layers whose attention is measured to be local become sliding-window
+layers with attention sinks and a bounded, constant-size decode cache (the training-free, LightTransfer-style
+variant: a layer's "state" is its sinks + window instead of a cache that grows with the context).
+
+No training-free conversion of softmax attention to true linear attention exists; the learned variant
+(Hedgehog feature maps fitted by attention transfer, LoLCATs's first stage) is not built, and `method` says so.
+One calibration forward records every layer's queries and keys; each full layer is ranked by the share of its
+exact attention mass on the first `sink` tokens plus the trailing `window` (`backends/kv/locality.py`). The
+decision is how many of the most local layers to convert, most first, each measured by perplexity / KL / top-1
+of the last tokens of long corpus windows against the unconverted model; the first share within the quality
+budget is kept. A converted layer's prefill and Hugging Face's own decode loop attend through the narrowed mask
+(`backends/kv/band.py`); optpass's decode runtime gives it a ring of sink + window slots (`backends/kv/ring.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from optpass.backends.kv import enable_compressed_attention
+from optpass.backends.kv.attention import support_reason
+from optpass.backends.kv.locality import local_mass
+from optpass.backends.sparse.search import capture_queries_keys
+from optpass.cost_models.hardware import HardwareSpec
+from optpass.cost_models.local_attention import local_estimate
+from optpass.errors import ConfigError
+from optpass.hf_compat import FULL, LOCAL_LAYERS, layer_kinds, local_layers, text_config
+from optpass.long_context import EVAL_TAIL, corpus_ids, reference_logits, tail_quality
+from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
+from optpass.registry import register_pass
+from optpass.sites import ModelGraph
+
+METHODS = {"sliding_window": "full layers with local attention become sinks + sliding-window layers (training-free)"}
+NOT_BUILT = {"hedgehog": "Hedgehog feature maps fitted by attention transfer (LoLCATs stage 1) are not built yet"}
+PLANNED_SHARE = 0.5  # share of the full layers the planning estimate assumes converted, before calibration
+
+
+@dataclass(frozen=True)
+class LinearAttentionConfig(PassConfig):
+    method: str = "sliding_window"
+    window: int = 1024  # trailing tokens a converted layer attends to
+    sink: int = 4  # first tokens it always attends to (StreamingLLM's attention sinks)
+    shares: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.125)  # share of the full layers converted, tried in order
+    calibration_len: int = 4096  # tokens of the forward whose queries / keys rank the layers
+    eval_len: int | None = None  # tokens per quality window; None = max(context, calibration_len)
+    eval_windows: int = 1
+    context: int | None = None  # decode context the memory saving is planned and reported at; None = eval length
+
+    def __post_init__(self) -> None:
+        if self.method in NOT_BUILT:
+            raise ConfigError(f"LinearAttentionConfig.method={self.method!r}: {NOT_BUILT[self.method]}; "
+                              f"built: {sorted(METHODS)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"LinearAttentionConfig.method={self.method!r}; known: {sorted(METHODS)}")
+        if self.window < 1 or self.sink < 0:
+            raise ConfigError(f"LinearAttentionConfig window={self.window} must be >= 1 and sink={self.sink} >= 0")
+        if not self.shares or any(not 0 < s <= 1 for s in self.shares) or list(self.shares) != sorted(self.shares,
+                                                                                                    reverse=True):
+            raise ConfigError(f"LinearAttentionConfig.shares={self.shares}: shares in (0, 1], largest first")
+        if self.eval_windows < 1:
+            raise ConfigError(f"LinearAttentionConfig.eval_windows={self.eval_windows}; at least 1")
+
+
+def set_local(model: nn.Module, layers: dict[int, tuple[int, int]]) -> None:
+    """Make `layers` ({index: (sink, window)}) local; {} makes every layer full again."""
+    cfg = text_config(model.config)
+    if layers:
+        setattr(cfg, LOCAL_LAYERS, {str(i): [s, w] for i, (s, w) in sorted(layers.items())})
+    elif hasattr(cfg, LOCAL_LAYERS):
+        delattr(cfg, LOCAL_LAYERS)
+
+
+def kv_cache_bytes(model: nn.Module, context: int) -> int:
+    """Bytes the decode runtime's uncompressed cache allocates for one sequence of `context` tokens."""
+    from optpass.backends.kv.cache import cache_nbytes, static_cache
+
+    cfg = text_config(model.config)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    probe = torch.zeros(1, heads, 1, dim, dtype=next(model.parameters()).dtype)
+    cache = static_cache(model.config, context)
+    for layer in cache.layers:
+        layer.lazy_initialization(probe, probe)
+    return cache_nbytes(cache)
+
+
+@register_pass
+class LinearAttentionPass(Pass):
+    name = "linear_attention"
+    config_cls = LinearAttentionConfig
+    runs_after = ("quantize", "layer_skip")  # a removed block has no attention to convert
+    needs_calibration = True
+
+    def candidates(self, graph: ModelGraph, target: HardwareSpec) -> list[Candidate]:
+        sites = tuple(a.name for a in graph.attentions)
+        if graph.model_kind != "causal_lm" or not sites:
+            return [Candidate.skip(self.name, sites, "local attention layers need a causal LM with attention sites")]
+        cfg = self.config
+        ctx = cfg.context or cfg.eval_len or cfg.calibration_len
+        span = cfg.sink + cfg.window
+        est = local_estimate(graph, target, math.ceil(PLANNED_SHARE * len(sites)), span, ctx)
+        label = f"sinks {cfg.sink} + window {cfg.window} on the most local layers @ {ctx} ctx"
+        return [Candidate(self.name, sites, {"context": ctx}, est, label=label, paths=("module",))]
+
+    def decisions(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> list[Alternatives] | PassResult:
+        reason = support_reason(model)
+        if reason:
+            return PassResult(self.name, model, False, reason=reason)
+        cfg = self.config
+        full = [i for i, k in enumerate(layer_kinds(model.config)) if k.kind == FULL]
+        if not full:
+            return PassResult(self.name, model, False, reason="no full-attention layer to make local (every layer "
+                              "already attends to a bounded window)")
+        limit = getattr(model.config, "max_position_embeddings", None) or cfg.calibration_len
+        cal_len = min(cfg.calibration_len, limit)
+        eval_len = min(cfg.eval_len or max(cfg.context or 0, cfg.calibration_len), limit)
+        span = cfg.sink + cfg.window
+        if eval_len <= span or cal_len <= span:
+            return PassResult(self.name, model, False, reason=f"a window of {cfg.window} + {cfg.sink} sinks hides "
+                              f"nothing in {min(eval_len, cal_len)}-token calibration / quality windows, so its "
+                              "effect cannot be measured; lower window or raise eval_len / calibration_len")
+        enable_compressed_attention(model)
+        records = capture_queries_keys(model, corpus_ids(model, cal_len, 1, 0))
+        mass = {i: local_mass(*records[i], cfg.sink, cfg.window) for i in full if i in records}
+        del records
+        ranked = sorted(mass, key=lambda i: -float(mass[i].mean()))
+        windows = corpus_ids(model, eval_len, cfg.eval_windows, 1)
+        tail = min(EVAL_TAIL, eval_len - span)
+        reference = reference_logits(model, windows, tail)
+        self._summary = {"calibration_tokens": cal_len, "quality_window_tokens": eval_len, "scored_tokens": tail,
+                         "layers": {str(i): {"local_mass": round(float(mass[i].mean()), 4),
+                                             "local_mass_min_head": round(float(mass[i].min()), 4)} for i in ranked}}
+        self._context = cfg.context or eval_len
+        previous = local_layers(model.config)
+
+        def option(share: float) -> Option:
+            chosen_layers = sorted(ranked[:max(1, math.ceil(share * len(ranked)))])
+
+            def apply(m: nn.Module) -> Any:
+                set_local(m, {**previous, **{i: (cfg.sink, cfg.window) for i in chosen_layers}})
+                return lambda: set_local(m, previous)
+            return Option(f"{len(chosen_layers)} of {len(ranked)} layers local", apply,
+                          measure=lambda m: tail_quality(m, windows, reference), value=chosen_layers)
+
+        options, seen = [], set()
+        for share in cfg.shares:  # shares that round to the same layer count are one option
+            n = max(1, math.ceil(share * len(ranked)))
+            if n not in seen:
+                seen.add(n)
+                options.append(option(share))
+        return [Alternatives("layers", options, monotone=True)]
+
+    def finish(self, model: nn.Module, kept: dict[str, Option | None], outcomes: dict[str, list[Outcome]],
+               context: ApplyContext) -> PassResult:
+        tried = outcomes["layers"]
+        details: dict[str, Any] = {**self._summary, "tried": [o.to_dict() for o in tried]}
+        if kept["layers"] is None:
+            return PassResult(self.name, model, False, details=details,
+                              reason=f"no share of local layers meets the quality budget ({tried[-1].why})")
+        converted = kept["layers"].value
+        for i in converted:
+            details["layers"][str(i)]["local"] = True
+        after = kv_cache_bytes(model, self._context)
+        kept_local = local_layers(model.config)
+        set_local(model, {})
+        before = kv_cache_bytes(model, self._context)
+        set_local(model, kept_local)
+        details["kv_cache_bytes"] = {"context": self._context, "full": before, "local": after,
+                                     "saving": round(1 - after / before, 4)}
+        sites = tuple(n for n, m in model.named_modules() if getattr(m, "layer_idx", None) in converted
+                      and hasattr(m, "k_proj"))
+        cfg = self.config
+        note = (f"{len(converted)} layers attend to {cfg.sink} sinks + the last {cfg.window} tokens; decode KV cache "
+                f"at {self._context} tokens {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
+        return PassResult(self.name, model, True, sites, reason=note, details=details)
+
+    def saved_state(self, model: nn.Module) -> dict[str, Any]:
+        return {"layers": {str(i): list(v) for i, v in local_layers(model.config).items()}}
+
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        enable_compressed_attention(model)
+        set_local(model, {int(i): (int(v[0]), int(v[1])) for i, v in state.get("layers", {}).items()})
+        return model

@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--passkey", default="4096,8192")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--parts", default="per_layer,document,decode,passkey", help="what to run after the pass")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
@@ -154,18 +155,24 @@ def main() -> None:
         "scenario": "linear_attention_smollm2", "command": " ".join(["python", *sys.argv]), "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget": args.budget, "optimize_s": optimize_s,
         "pass": {"status": record.status, "reason": record.reason, "details": record.details},
-        "per_layer_alone": per_layer(optimized, layers, args.sink, args.window, args.per_layer_len),
-        "document": document_quality(optimized, doc, arms),
-        "decode": decode(optimized, doc, arms, args.rounds),
     }
-    depths = tuple(float(x) for x in args.depths.split(","))
-    result["passkey"] = passkey(optimized, tokenizer, {k: arms[k] for k in ("full", "optpass plan")},
-                                [int(x) for x in args.passkey.split(",") if x], depths)
+    parts = args.parts.split(",")
+    if "per_layer" in parts:
+        result["per_layer_alone"] = per_layer(optimized, layers, args.sink, args.window, args.per_layer_len)
+    if "document" in parts:
+        result["document"] = document_quality(optimized, doc, arms)
+    if "decode" in parts:
+        result["decode"] = decode(optimized, doc, arms, args.rounds)
+    if "passkey" in parts:
+        depths = tuple(float(x) for x in args.depths.split(","))
+        result["passkey"] = passkey(optimized, tokenizer, {k: arms[k] for k in ("full", "optpass plan")},
+                                    [int(x) for x in args.passkey.split(",") if x], depths)
     set_local(optimized, chosen)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "linear_attention_smollm2.json"
+    path = RESULTS / ("linear_attention_smollm2.json" if len(parts) == 4 else f"linear_attention_smollm2_{'_'.join(parts)}.json")
     path.write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps({k: result[k] for k in ("optimize_s", "document", "decode", "passkey")}, indent=1, default=str))
+    print(json.dumps({k: result[k] for k in ("optimize_s", "document", "decode", "passkey") if k in result}, indent=1,
+                     default=str))
     print(f"wrote {path}")
 
 

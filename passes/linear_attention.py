@@ -7,7 +7,7 @@ No training-free conversion of softmax attention to true linear attention exists
 One calibration forward records every layer's queries and keys; each full layer is ranked by the share of its
 exact attention mass on the first `sink` tokens plus the trailing `window` (`backends/kv/locality.py`). The
 decision is how many of the most local layers to convert, most first, each measured by perplexity / KL / top-1
-of the last tokens of long corpus windows against the unconverted model; the first share within the quality
+of every position past the window (up to SCORED_MAX) of long corpus windows against the unconverted model; the first share within the quality
 budget is kept. A converted layer's prefill and Hugging Face's own decode loop attend through the narrowed mask
 (`backends/kv/band.py`); optpass's decode runtime gives it a ring of sink + window slots (`backends/kv/ring.py`).
 """
@@ -29,13 +29,14 @@ from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.local_attention import local_estimate
 from optpass.errors import ConfigError
 from optpass.hf_compat import FULL, LOCAL_LAYERS, layer_kinds, local_layers, text_config
-from optpass.long_context import EVAL_TAIL, corpus_ids, reference_logits, tail_quality
+from optpass.long_context import corpus_ids, reference_logits, tail_quality
 from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
 from optpass.registry import register_pass
 from optpass.sites import ModelGraph
 
 METHODS = {"sliding_window": "full layers with local attention become sinks + sliding-window layers (training-free)"}
 NOT_BUILT = {"hedgehog": "Hedgehog feature maps fitted by attention transfer (LoLCATs stage 1) are not built yet"}
+SCORED_MAX = 4096  # positions scored per quality window (their logits are held twice)
 PLANNED_SHARE = 0.5  # share of the full layers the planning estimate assumes converted, before calibration
 
 
@@ -129,7 +130,9 @@ class LinearAttentionPass(Pass):
         del records
         ranked = sorted(mass, key=lambda i: -float(mass[i].mean()))
         windows = corpus_ids(model, eval_len, cfg.eval_windows, 1)
-        tail = min(EVAL_TAIL, eval_len - span)
+        # every position past the window is affected (a window's first positions lose the document's start, the
+        # tail only the distant middle): score them all, up to SCORED_MAX
+        tail = min(SCORED_MAX, eval_len - span)
         reference = reference_logits(model, windows, tail)
         self._summary = {"calibration_tokens": cal_len, "quality_window_tokens": eval_len, "scored_tokens": tail,
                          "layers": {str(i): {"local_mass": round(float(mass[i].mean()), 4),

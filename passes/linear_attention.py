@@ -45,7 +45,9 @@ class LinearAttentionConfig(PassConfig):
     method: str = "sliding_window"
     window: int = 1024  # trailing tokens a converted layer attends to
     sink: int = 4  # first tokens it always attends to (StreamingLLM's attention sinks)
-    shares: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.125)  # share of the full layers converted, tried in order
+    # share of the full layers converted, tried in order (LightTransfer converts up to half); at least one full
+    # layer always stays full, so a model keeps some attention over the whole context
+    shares: tuple[float, ...] = (0.5, 0.25, 0.125)
     calibration_len: int = 4096  # tokens of the forward whose queries / keys rank the layers
     eval_len: int | None = None  # tokens per quality window; None = max(context, calibration_len)
     eval_windows: int = 1
@@ -87,6 +89,11 @@ def kv_cache_bytes(model: nn.Module, context: int) -> int:
     for layer in cache.layers:
         layer.lazy_initialization(probe, probe)
     return cache_nbytes(cache)
+
+
+def _count(share: float, layers: int) -> int:
+    """Layers a share converts: rounded up, one full layer always kept."""
+    return min(math.ceil(share * layers), layers - 1)
 
 
 @register_pass
@@ -141,7 +148,7 @@ class LinearAttentionPass(Pass):
         previous = local_layers(model.config)
 
         def option(share: float) -> Option:
-            chosen_layers = sorted(ranked[:max(1, math.ceil(share * len(ranked)))])
+            chosen_layers = sorted(ranked[:_count(share, len(ranked))])
 
             def apply(m: nn.Module) -> Any:
                 set_local(m, {**previous, **{i: (cfg.sink, cfg.window) for i in chosen_layers}})
@@ -151,10 +158,13 @@ class LinearAttentionPass(Pass):
 
         options, seen = [], set()
         for share in cfg.shares:  # shares that round to the same layer count are one option
-            n = max(1, math.ceil(share * len(ranked)))
-            if n not in seen:
+            n = _count(share, len(ranked))
+            if 0 < n and n not in seen:
                 seen.add(n)
                 options.append(option(share))
+        if not options:
+            return PassResult(self.name, model, False, reason=f"only {len(ranked)} full-attention layer(s): making "
+                              "one local would leave no layer that attends over the whole context")
         return [Alternatives("layers", options, monotone=True)]
 
     def finish(self, model: nn.Module, kept: dict[str, Option | None], outcomes: dict[str, list[Outcome]],

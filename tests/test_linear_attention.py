@@ -169,10 +169,12 @@ def test_a_budget_no_share_meets_rolls_back_with_the_reason():
     assert not local_layers(out.config)
 
 
-def test_an_unmeasurable_window_and_an_unbuilt_method_are_refused_by_name():
+def test_an_unmeasurable_window_a_lone_full_layer_and_an_unbuilt_method_are_refused_by_name():
     out = _optimize(tiny_llama(layers=2).eval(), "ppl:10%", window=300)
     record = out.optpass_report.passes[0]
     assert record.status == "skipped" and "cannot be measured" in record.reason
+    single = _optimize(tiny_llama(layers=1).eval(), "ppl:200%").optpass_report.passes[0]
+    assert single.status == "skipped" and "only 1 full-attention layer" in single.reason
     with pytest.raises(ConfigError, match="hedgehog.*not built"):
         LinearAttentionConfig(method="hedgehog")
     with pytest.raises(ConfigError, match="largest first"):

@@ -28,11 +28,14 @@ def builtin_passes() -> list[str]:
 
 def configured_passes() -> list:
     """Every built-in pass with its default config, except a shorter DiT-cache calibration (the default
-    samples 50 steps x 10 seeds per candidate setting; its own tests cover the full search)."""
+    samples 50 steps x 10 seeds per candidate setting; its own tests cover the full search) and local layers
+    with a window the tiny models' texts are longer than (the default 1024 hides nothing there)."""
     from optpass.passes.dit_cache import DitCacheConfig
+    from optpass.passes.linear_attention import LinearAttentionConfig
 
     fast = {"dit_cache": DitCacheConfig(steps=12, calibration_seeds=(0,), holdout_seeds=(1,),
-                                        policies=("fixed_interval",))}
+                                        policies=("fixed_interval",)),
+            "linear_attention": LinearAttentionConfig(window=32, calibration_len=256)}
     return [fast.get(name, name) for name in builtin_passes()]
 
 

@@ -141,3 +141,20 @@ def output(model: nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
     if isinstance(out, tuple):
         return out[0]
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+STEPS = [5, 17, 99, 3, 7, 9, 11, 12, 13, 14, 15, 16]
+
+
+@torch.no_grad()
+def last_logits_through(model: nn.Module, ids: torch.Tensor, cache: Any, steps: list[int]) -> torch.Tensor:
+    """Last-position logits of a prefill of `ids` [1, S] and then of each token in `steps`, all through `cache`
+    (one decode step per token): what two caches are compared on."""
+    from optpass.hf_compat import with_cache
+
+    seq = ids.shape[1]
+    outs = [model(input_ids=ids, **with_cache(model, cache), use_cache=True).logits[:, -1]]
+    for i, t in enumerate(steps):
+        outs.append(model(input_ids=torch.tensor([[t]]), **with_cache(model, cache),
+                          position_ids=torch.tensor([[seq + i]]), use_cache=True).logits[:, -1])
+    return torch.stack(outs)

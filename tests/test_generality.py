@@ -12,7 +12,7 @@ import optpass
 from optpass.backends.kv import CompressedKVCache, KVSettings, enable_compressed_attention
 from optpass.backends.kv.cache import static_cache
 from optpass.errors import ConfigError, UnsupportedModelError
-from optpass.hf_compat import output_cache, with_cache
+from optpass.hf_compat import output_cache
 from tests import model_zoo
 
 
@@ -47,14 +47,9 @@ def test_optpass_caches_match_transformers_exactly(name):
     give the same logits as transformers' own DynamicCache, softcap and sliding windows included."""
     model = getattr(model_zoo, name)()
     ids = torch.randint(0, model_zoo.VOCAB, (1, 30), generator=torch.Generator().manual_seed(0))
-    steps = [5, 17, 99, 3, 7, 9, 11, 12, 13, 14]
 
     def run(cache):
-        outs = [model(input_ids=ids, **with_cache(model, cache), use_cache=True).logits[:, -1]]
-        for i, t in enumerate(steps):
-            outs.append(model(input_ids=torch.tensor([[t]]), **with_cache(model, cache),
-                              position_ids=torch.tensor([[30 + i]]), use_cache=True).logits[:, -1])
-        return torch.stack(outs)
+        return model_zoo.last_logits_through(model, ids, cache, model_zoo.STEPS[:10])
 
     with torch.no_grad():
         ref = run(DynamicCache(config=model.config))

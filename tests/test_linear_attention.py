@@ -19,6 +19,7 @@ from optpass.errors import ConfigError
 from optpass.hf_compat import SLIDING, layer_kinds, local_layers
 from optpass.models import tiny_llama
 from optpass.passes.linear_attention import LinearAttentionConfig, set_local
+from tests import model_zoo
 
 
 def reference_allowed(valid: torch.Tensor, query_pos: list[int], sink: int, window: int) -> torch.Tensor:
@@ -85,19 +86,12 @@ def test_local_layers_give_the_same_logits_through_rings_and_transformers_cache(
     from transformers import DynamicCache
 
     from optpass.backends.kv.cache import static_cache
-    from optpass.hf_compat import with_cache
-
     model = tiny_llama(layers=3).eval()
     enable_compressed_attention(model)
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
-    steps = [5, 17, 99, 3, 7, 9, 11, 12, 13, 14, 15, 16]
 
     def run(cache):
-        outs = [model(input_ids=ids, **with_cache(model, cache), use_cache=True).logits[:, -1]]
-        for i, t in enumerate(steps):
-            outs.append(model(input_ids=torch.tensor([[t]]), **with_cache(model, cache),
-                              position_ids=torch.tensor([[20 + i]]), use_cache=True).logits[:, -1])
-        return torch.stack(outs)
+        return model_zoo.last_logits_through(model, ids, cache, model_zoo.STEPS)
 
     with torch.no_grad():
         full = run(DynamicCache(config=model.config))

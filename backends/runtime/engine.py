@@ -13,6 +13,9 @@ the last token and k drafted ones in one forward (at batch 1 a step is bound by 
 cost little more than one), keeps what `verify.accept` accepts and rolls the cache back past the first
 rejection (`Cache.crop`); `gate.DraftGate` turns drafting off where it does not pay.
 
+With a layer-skip schedule in the plan (`backends/skip_schedule.py`) each step forces off the blocks every row
+is past the threshold of, and a compiled graph is kept per such stage (at most one per scheduled block + 1).
+
 Because the compiled step freezes weights and skips guards, the engine fingerprints the parameters (identity
 and version counter) when it compiles and recompiles if they changed: it never decodes with stale weights.
 """
@@ -71,6 +74,7 @@ class DecodeEngine:
         self.model, self.plan, self._compile = model, plan, compile and plan.compiled_step
         self.kv_settings = plan.kv_settings()
         self.draft = int(plan.proposer["draft"]) if plan.proposer else 0
+        self.skip = {int(k): int(v) for k, v in (plan.skip or {}).items()}
         self._buckets: dict[tuple, tuple[Any, dict[int, Callable], int | None]] = {}
         self._weights: tuple | None = None
         self.cache: Any = None
@@ -85,6 +89,8 @@ class DecodeEngine:
             return None, "no proposer in the plan"
         if self.kv_settings is not None:
             return None, "the compressed KV cache cannot roll back a rejected draft"
+        if self.skip:
+            return None, "a layer-skip schedule: a rejected draft cannot be rolled back in blocks that did not run"
         if prompt + new + self.draft > self.plan.max_cache_len:
             return None, "no room in the static cache for a draft"
         if self.draft_length(batch) < 1:
@@ -135,8 +141,8 @@ class DecodeEngine:
                    "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
         return torch.compile(_own_code(step), fullgraph=True, dynamic=False, options=options)
 
-    def _select(self, batch: int, prompt: int, needed: int, slack: int = 0) -> tuple[Callable[[int], Callable], int | None]:
-        """Make the cache of this (batch, bucket) current; return `step_for(width)` and the mask length."""
+    def _select(self, batch: int, prompt: int, needed: int, slack: int = 0) -> tuple[Callable[..., Callable], int | None]:
+        """Make the cache of this (batch, bucket) current; return `step_for(width, stage)` and the mask length."""
         if self._compile:
             weights = _fingerprint(self.model)
             if self._weights is not None and weights != self._weights:
@@ -149,12 +155,20 @@ class DecodeEngine:
             self._buckets[key] = (make_cache(), {}, masked)
         self.cache, steps, masked = self._buckets[key]
 
-        def step_for(width: int) -> Callable:
-            if width not in steps:  # each width its own compiled graph (guards are skipped)
-                steps[width] = self._make_step(self.cache)
-            return steps[width]
+        def step_for(width: int, stage: int = 0) -> Callable:
+            if (width, stage) not in steps:  # each width and skip stage its own compiled graph (guards are skipped)
+                steps[width, stage] = self._make_step(self.cache)
+            return steps[width, stage]
 
         return step_for, masked
+
+    def _skip_stage(self, first_position: int | None) -> int:
+        """Force off the scheduled blocks every row of the next step skips; the stage keys the compiled graph."""
+        from optpass.backends.skip_schedule import set_positions, stage
+        from optpass.passes.layer_skip import decoder_layers
+
+        set_positions(decoder_layers(self.model), first_position)
+        return stage(self.skip, first_position) if first_position is not None else 0
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, new: int, attention_mask: torch.Tensor | None = None,
@@ -174,6 +188,8 @@ class DecodeEngine:
         step_for, mask_length = self._select(batch, prompt, prompt + new, k)
         gate = DraftGate(float(self.plan.proposer.get("verify_cost", 1.5))) if proposer is not None else None
         self.cache.reset()
+        if self.skip:  # the prefill decides per token (eager); steps force off what the whole batch skips
+            self._skip_stage(None)
         eos_t = torch.tensor(eos or [], dtype=torch.long)
         started = time.perf_counter()
         prefill_kwargs: dict[str, Any] = {}
@@ -218,9 +234,10 @@ class DecodeEngine:
             inputs = out[:, -1:].contiguous() if draft is None else torch.cat([out[:, -1:], draft], dim=1)
             if step_mask is not None:
                 step_mask[:, cached:cached + width] = 1
+            stage = self._skip_stage(int(valid.min())) if self.skip else 0
             t0 = time.perf_counter()
             with row_exact() if draft is not None else contextlib.nullcontext():
-                logits, argmax = step_for(width)(inputs, valid + torch.arange(width), step_mask)
+                logits, argmax = step_for(width, stage)(inputs, valid + torch.arange(width), step_mask)
             if draft is None:
                 pending = choice.next(out, logits[:, -1], argmax[:, -1])[:, None]
             else:
@@ -237,6 +254,8 @@ class DecodeEngine:
                 proposer.observe(inputs[:, :width], logits[:, :width])
             cached += width
             valid += width
+        if self.skip:
+            self._skip_stage(None)
         self.last_timing = {"prefill_s": prefilled - started, "decode_s": time.perf_counter() - prefilled,
                             "decode_steps": out.shape[1] - prompt - 1, "verify_steps": verifies,
                             "accepted_drafts": accepted}

@@ -1,7 +1,7 @@
 """`DecodePlan`: what the applied passes contribute to generation, assembled once by the pass manager.
 
 A pass never touches `generate()`; its `PassResult.runtime` says what it adds (a compiled step, a compressed
-cache layout, later a proposer or per-layer attention variants), and `DecodePlan.merge` combines them. The plan
+cache layout, a proposer, a layer-skip schedule), and `DecodePlan.merge` combines them. The plan
 is what a checkpoint records and what `install_runtime` builds the runtime from.
 """
 
@@ -20,9 +20,11 @@ class DecodePlan:
     kv: dict[str, Any] | None = None  # compressed-cache settings (KVSettings fields), from the kv_cache pass
     # a drafter whose proposals the runtime verifies k at a time: {"kind", "draft": k, "verify_cost", options}
     proposer: dict[str, Any] | None = None
+    # a per-position layer-skip schedule {block index: first skipped position}, from the dynamic_skip pass
+    skip: dict[str, int] | None = None
     contributors: tuple[str, ...] = field(default=())  # which passes contributed what (for the report)
 
-    FIELDS = ("compiled_step", "max_cache_len", "kv", "proposer")
+    FIELDS = ("compiled_step", "max_cache_len", "kv", "proposer", "skip")
 
     def merge(self, pass_name: str, contribution: dict[str, Any]) -> DecodePlan:
         unknown = set(contribution) - set(self.FIELDS)

@@ -9,15 +9,19 @@ Measures (median of several repetitions, with the spread; a measurement whose sp
   block's linears), an nn.Module call and a decode-sized SDPA call;
 - linear regimes twice: on a block-sized layer (576 x 1536) and a vocabulary-sized one (32768 x 768).
 The result is cached as JSON keyed by a fingerprint (torch version, thread count, ISA flags, CPU model), so a
-different torch, thread count or machine never reuses it.
+different torch, thread count or machine never reuses it. A calibration on a busy machine, or one whose figures
+are implausible, is refused and not cached; a cached one that fails the same checks (hand-edited, corrupted,
+from an older optpass) is ignored, and the spec says why (`cost_models/calibration_checks.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optpass.cost_models.calibration_checks import BACKOFF_S, parallel_efficiency, problems, wait_until_quiet
 from optpass.cost_models.hardware import HardwareSpec, uncalibrated_cpu
 
 FORMAT = 2
@@ -187,8 +192,12 @@ def _glue_chain(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return q * 0.5 + r * 0.5
 
 
-def calibrate(quick: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run every measurement; `quick` is a seconds-long version with small shapes for tests."""
+def calibrate(quick: bool = False, progress: bool = True, check: bool = True,
+              backoff: tuple[float, ...] = BACKOFF_S) -> dict[str, Any]:
+    """Run every measurement; `quick` is a seconds-long version with small shapes for tests. With `check`,
+    each step waits (`backoff`) for a busy machine to quiet down, and the finished record must pass the sanity
+    bounds; otherwise `CalibrationError` says why and nothing is returned to cache."""
+    from optpass.errors import CalibrationError
     from optpass.progress import track
 
     base = uncalibrated_cpu()
@@ -198,9 +207,17 @@ def calibrate(quick: bool = False, progress: bool = True) -> dict[str, Any]:
     schemes = ("fp32", "int8", "int4_g32") if quick else SCHEMES
     steps = ["triad", "floors", "sdpa", *schemes]
     record: dict[str, Any] = {"format": FORMAT, "fingerprint": fingerprint(), "quick": quick,
-                              "shape": list(shape), "linear": {}}
+                              "shape": list(shape), "linear": {},
+                              "taken_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "conditions": {"loadavg_before": list(os.getloadavg()), "parallel_efficiency": {}}}
     start = time.perf_counter()
     for step in track(steps, "calibrating cpu", total=len(steps)) if progress else steps:
+        if check:
+            reason = wait_until_quiet(backoff=backoff)
+            if reason is not None:
+                raise CalibrationError(f"calibration refused before its {step} step: {reason}; nothing was cached "
+                                       "(re-run on a quiet machine)")
+            record["conditions"]["parallel_efficiency"][step] = round(parallel_efficiency(), 3)
         if step == "triad":
             record["triad"] = _triad(1 << 20 if quick else max(1 << 25, int(8 * base.cache_bytes / 12)), reps)
         elif step == "floors":
@@ -210,6 +227,11 @@ def calibrate(quick: bool = False, progress: bool = True) -> dict[str, Any]:
         else:
             record["linear"][step] = _linear(step, base.cache_bytes, shape, rows_list, reps, quick)
     record["seconds"] = time.perf_counter() - start
+    record["conditions"]["loadavg_after"] = list(os.getloadavg())
+    bad = problems(record) if check else []
+    if bad:
+        raise CalibrationError("calibration refused, its figures are implausible: " + "; ".join(bad) +
+                               "; nothing was cached (re-run on a quiet machine)")
     return record
 
 
@@ -257,18 +279,29 @@ def save(record: dict[str, Any], path: Path | None = None) -> Path:
 
 
 def load(path: Path | None = None) -> dict[str, Any] | None:
-    """The cached record for this machine's current fingerprint, or None (missing, stale or another format)."""
+    """The cached record for this machine's current fingerprint, or None (missing, stale, another format, or
+    failing the sanity checks: `load_with_reason` says which)."""
+    return load_with_reason(path)[0]
+
+
+def load_with_reason(path: Path | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None), or (None, why a cached file was not used; None when there is no file)."""
     fp = fingerprint()
     path = path or cache_path(fp)
     if not path.exists():
-        return None
+        return None, None
     try:
         record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if record.get("format") != FORMAT or record.get("fingerprint") != fp:
-        return None
-    return record
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"{path} is unreadable ({type(exc).__name__}: {exc})"
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        return None, f"{path} has another format (written by another optpass version)"
+    if record.get("fingerprint") != fp:
+        return None, f"{path} was taken with another torch, thread count or CPU"
+    bad = problems(record)
+    if bad:
+        return None, f"{path} is implausible: " + "; ".join(bad)
+    return record, None
 
 
 def record_validation(error: float, source: str) -> Path | None:
@@ -282,10 +315,18 @@ def record_validation(error: float, source: str) -> Path | None:
 
 
 def calibrated_spec() -> HardwareSpec | None:
-    """The calibrated `cpu` spec for the current fingerprint (memoised per cache file), or None."""
+    """The calibrated `cpu` spec for the current fingerprint (memoised per cache file); the uncalibrated spec
+    with the reason in `source["calibration"]` when a cached file was ignored; None when there is none."""
     path = cache_path()
     key = f"{path}:{path.stat().st_mtime_ns if path.exists() else 0}"
     if key not in _LOADED:
-        record = load(path)
-        _LOADED[key] = spec_from_record(record) if record else None
+        record, why = load_with_reason(path)
+        if record is not None:
+            _LOADED[key] = spec_from_record(record)
+        elif why is not None:
+            base = uncalibrated_cpu()
+            note = f"uncalibrated: the cached calibration was ignored, {why}; re-run `optpass calibrate --force`"
+            _LOADED[key] = dataclasses.replace(base, source={**base.source, "calibration": note})
+        else:
+            _LOADED[key] = None
     return _LOADED[key]

@@ -92,17 +92,30 @@ def optimize(
     inplace: bool = False,
     objective: str = "latency",
     context: int | None = None,
+    streaming: bool | None = None,
+    output: str | None = None,
 ) -> nn.Module:
     """Optimize `model` for `target`; see the module docstring. Returns the optimized model.
 
     `context`: the context length (prompt + generated tokens) a causal LM will serve; the cost model plans
-    its decode step there (KV-cache compression only pays at long contexts). Default: the example's length."""
+    its decode step there (KV-cache compression only pays at long contexts). Default: the example's length.
+    `streaming`: for a Hugging Face (Llama) checkpoint directory with passes=["quantize"], quantize it block by
+    block into the checkpoint directory `output` without building the fp32 model (`optpass/streaming/`);
+    returns a `StreamingResult` (.path, .report). None (default): only when the fp32 weights, held twice
+    in memory by this path, exceed the available memory (with a warning); False: never."""
     start = time.perf_counter()
     if isinstance(model, str) and model.endswith(".onnx"):
         # ONNX in, ONNX out: returns an OnnxOptimizeResult (.path, .report), see backends/onnx/optimize.py
         from optpass.backends.onnx import optimize_onnx
 
         return optimize_onnx(model, target=target, passes=passes, quality_budget=quality_budget)
+    if streaming is not False:
+        from optpass.streaming import route
+
+        streamed = route(model, streaming, passes, output=output, target=target, quality_budget=quality_budget,
+                         calibration_data=calibration_data)
+        if streamed is not None:
+            return streamed
     if isinstance(model, str):
         from optpass.sources import load_model_source
 
@@ -143,6 +156,8 @@ def optimize(
     ]
     plan = Plan(target=spec.name, steps=[_plan_step(p, decisions) for p in pass_list])
     report.plan = plan.to_dict()
+    if spec.name == "cpu":  # the figures behind every prediction: calibrated, uncalibrated, or ignored and why
+        report.notes.append(f"target cpu: {spec.source.get('calibration', 'uncalibrated')}")
     if graph.model_kind == "causal_lm":
         ctx = graph.estimate_shape[2]
         source = "context=" if context else "the example's length; pass context= to plan for long-context serving"

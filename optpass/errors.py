@@ -40,3 +40,12 @@ class VerificationError(OptpassError):
 
 class CheckpointError(OptpassError):
     """A checkpoint is missing, corrupted, or written by an incompatible optpass."""
+
+
+class ExportError(OptpassError, ValueError):
+    """A model cannot be written in a serving engine's format (an architecture, layout or decision the format
+    has no equivalent for)."""
+
+
+class CalibrationError(OptpassError):
+    """A calibration could not be trusted (a busy machine, implausible figures): it was not cached."""

@@ -18,6 +18,7 @@ from optpass.cost_models import get_spec
 from optpass.cost_models.estimate import RewriteEstimate
 from optpass.cost_models.model_cost import forward_expr, overrides_for, predict_forward
 from optpass.cost_models.selection import select
+from optpass.errors import CalibrationError
 from optpass.pass_base import Candidate
 
 
@@ -35,7 +36,10 @@ def quick_calibration(tmp_path, monkeypatch):
     """A seconds-long calibration cached under a temporary OPTPASS_CACHE."""
     monkeypatch.setenv("OPTPASS_CACHE", str(tmp_path))
     cal._LOADED.clear()
-    record = cal.calibrate(quick=True, progress=False)
+    try:
+        record = cal.calibrate(quick=True, progress=False, backoff=(2.0, 5.0))
+    except CalibrationError as exc:  # the refusal is the feature (tests/test_calibration_checks.py)
+        pytest.skip(f"no trustworthy calibration on this machine right now: {exc}")
     cal.save(record)
     yield record
     cal._LOADED.clear()

@@ -1,4 +1,6 @@
-"""`optpass calibrate --target cpu`: measure this machine (about a minute) and cache it for `get_spec("cpu")`."""
+"""`optpass calibrate --target cpu`: measure this machine (about a minute) and cache it for `get_spec("cpu")`.
+On a busy machine, or when the figures are implausible, it refuses (exit code 1, the reason printed) and caches
+nothing; `--show` prints what is cached and whether it is used."""
 
 from __future__ import annotations
 
@@ -12,11 +14,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (part of the cache key)")
     p.add_argument("--quick", action="store_true", help="seconds-long calibration on small shapes (tests, smoke runs)")
     p.add_argument("--force", action="store_true", help="re-measure even if a calibration for this fingerprint is cached")
+    p.add_argument("--show", action="store_true", help="print the cached calibration (when and how it was taken) and "
+                   "whether it is used, without measuring")
 
 
 def summary(record: dict) -> str:
-    """A few lines: bandwidth, floors, per-scheme linear figures, each with its spread."""
-    lines = [f"triad bandwidth {record['triad']['bytes_per_s'] / 1e9:.1f} GB/s (spread {record['triad']['spread']:.0%})",
+    """A few lines: when and how it was taken, bandwidth, floors, per-scheme linear figures with their spread."""
+    conditions = record.get("conditions", {})
+    efficiency = conditions.get("parallel_efficiency", {})
+    lines = [f"taken {record.get('taken_at', 'at an unrecorded time')} in {record.get('seconds', 0):.0f} s"
+             + (" (quick)" if record.get("quick") else "")
+             + (f"; load average {conditions['loadavg_before'][0]:.2f} before, {conditions['loadavg_after'][0]:.2f} "
+                f"after" if "loadavg_after" in conditions else "")
+             + (f"; parallel efficiency {min(efficiency.values()):.2f}-{max(efficiency.values()):.2f}"
+                if efficiency else ""),
+             f"triad bandwidth {record['triad']['bytes_per_s'] / 1e9:.1f} GB/s (spread {record['triad']['spread']:.0%})",
              f"dispatch floor {record['floors']['glue']['median'] * 1e6:.1f} us/op (glue chain; cheapest op "
              f"{record['floors']['op']['median'] * 1e6:.1f} us), module call {record['floors']['module']['median'] * 1e6:.1f} us, "
              f"decode SDPA {record['floors']['sdpa']['median'] * 1e6:.1f} us",
@@ -42,6 +54,14 @@ def run(args: argparse.Namespace) -> int:
                                  "(named GPU specs are datasheet figures, used for ordering only)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.show:
+        record, why = cal.load_with_reason()
+        if record is None:
+            print(f"not used: {why}" if why else f"no calibration cached for this fingerprint ({cal.cache_path()})")
+            return 0
+        print(f"cached calibration at {cal.cache_path()}")
+        print(summary(record))
+        return 0
     record = None if args.force else cal.load()
     if record is not None and record.get("quick") and not args.quick:
         record = None  # a quick calibration never stands in for a full one

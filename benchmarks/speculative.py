@@ -5,8 +5,11 @@ generation with `assistant_early_exit` (the model's first layers as drafter).
 
 Two prompt sets from `pydoc_data.topics`, through the model's chat template: input-grounded (a ~1k-token
 passage, then "summarise" / "repeat the first paragraph": copying pays) and open-ended (a short request for a
-story or an explanation: nothing to copy). 128 new tokens, EOS off, greedy. Throughput is new tokens over the
-whole `generate()` call (prefill included, the same for every arm). Before timing, every drafting arm's tokens are
+story or an explanation: nothing to copy). 128 new tokens, EOS off, greedy. Two throughputs: `tok_s`, new
+tokens over the whole `generate()` call (prefill included, the same for every arm), and `decode_tok_s`, the
+127 tokens after the first over the time after the prefill (optpass: the engine's own prefill / decode split;
+transformers: the call minus a `max_new_tokens=1` call on the same input, as in `../shared/PEERS.md`), which
+is what drafting can change. Before timing, every drafting arm's tokens are
 compared with the no-drafter arm's on 20 prompts of each set (lossless: identical is the claim).
 
     python benchmarks/speculative.py [--rounds 5] [--prompts 4] [--check 20] [--batch 1 4]   (--rounds 0: check only)
@@ -89,28 +92,35 @@ def runtime_call(model: Any, kind: str | None) -> Any:
     return call
 
 
-def transformers_call(model: Any, **options: Any) -> Any:
+def transformers_call(model: Any, new: int = NEW, **options: Any) -> Any:
     def call(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         with torch.inference_mode():
-            return type(model).generate(model, ids, attention_mask=mask, max_new_tokens=NEW,
+            return type(model).generate(model, ids, attention_mask=mask, max_new_tokens=new,
                                         do_sample=False, eos_token_id=None, **options)
 
     return call
 
 
 def arm(name: str, call: Any, inputs: list[tuple[torch.Tensor, torch.Tensor | None]], note: str,
-        engine: Any = None) -> Variant:
+        engine: Any = None, first: Any = None) -> Variant:
     def measure(_: Any) -> dict[str, float]:
-        tokens, seconds, accepted, verifies = 0, 0.0, 0, 0
+        tokens, seconds, later, decode_seconds, accepted, verifies = 0, 0.0, 0, 0.0, 0, 0
         for ids, mask in inputs:
             start = time.perf_counter()
             out = call(ids, mask)
-            seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            seconds += elapsed
             tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+            later += (out.shape[1] - ids.shape[1] - 1) * ids.shape[0]  # the tokens after the prefill's one
             if engine is not None:
                 accepted += engine.last_timing["accepted_drafts"]
                 verifies += engine.last_timing["verify_steps"]
-        metrics = {"tok_s": tokens / seconds}
+                decode_seconds += engine.last_timing["decode_s"]
+            else:  # minus the same input's prefill: a one-new-token call
+                start = time.perf_counter()
+                first(ids, mask)
+                decode_seconds += elapsed - (time.perf_counter() - start)
+        metrics = {"tok_s": tokens / seconds, "decode_tok_s": later / decode_seconds}
         if engine is not None and verifies:
             metrics["accepted_per_verify"] = accepted / verifies
         return metrics
@@ -152,6 +162,7 @@ def main() -> None:
     if args.rounds == 0:  # the lossless check only
         return
     variants = []
+    prefill = transformers_call(model, new=1)
     for kind in ("grounded", "open"):
         rows = prompts(tok, kind, args.prompts)
         for batch in args.batch:
@@ -164,24 +175,28 @@ def main() -> None:
                     f"draft {DRAFT}, gated", engine),
                 arm(f"{tag}/optpass-int8+token-recycling", runtime_call(model, "token_recycling"), inputs,
                     f"draft {DRAFT}, gated", engine),
-                arm(f"{tag}/transformers-int8", transformers_call(model), inputs, "transformers' loop, same weights"),
+                arm(f"{tag}/transformers-int8", transformers_call(model), inputs, "transformers' loop, same weights",
+                    first=prefill),
             ]
             if batch == 1:  # transformers' candidate generators take batch 1 only
                 variants += [
                     arm(f"{tag}/transformers-int8+prompt-lookup-10", transformers_call(model, prompt_lookup_num_tokens=10),
-                        inputs, "prompt_lookup_num_tokens=10 (documented default)"),
+                        inputs, "prompt_lookup_num_tokens=10 (documented default)", first=prefill),
                     arm(f"{tag}/transformers-int8+prompt-lookup-{DRAFT}",
-                        transformers_call(model, prompt_lookup_num_tokens=DRAFT), inputs, f"prompt_lookup_num_tokens={DRAFT}"),
+                        transformers_call(model, prompt_lookup_num_tokens=DRAFT), inputs, f"prompt_lookup_num_tokens={DRAFT}",
+                        first=prefill),
                     arm(f"{tag}/transformers-int8+early-exit-8", transformers_call(model, assistant_early_exit=8), inputs,
-                        "assistant_early_exit=8 (first 8 of 30 layers draft)"),
+                        "assistant_early_exit=8 (first 8 of 30 layers draft)", first=prefill),
                 ]
     result = run_scenario("speculative_smollm2", variants, rounds=args.rounds, extra={"lossless_check": check})
-    rates = {row["variant"]: row["tok_s"]["median"] for row in result["rows"] if "tok_s" in row}
-    for tag in sorted({name.rsplit("/", 1)[0] for name in rates}):
-        base = rates.get(f"{tag}/optpass-int8")
-        if base:
-            line = ", ".join(f"{n.rsplit('/', 1)[1]} {r / base:.2f}x" for n, r in rates.items() if n.startswith(tag + "/"))
-            print(f"{tag}: vs optpass-int8 without drafting: {line}")
+    for metric in ("tok_s", "decode_tok_s"):
+        rates = {row["variant"]: row[metric]["median"] for row in result["rows"] if metric in row}
+        for tag in sorted({name.rsplit("/", 1)[0] for name in rates}):
+            base = rates.get(f"{tag}/optpass-int8")
+            if base:
+                line = ", ".join(f"{n.rsplit('/', 1)[1]} {r / base:.2f}x" for n, r in rates.items()
+                                 if n.startswith(tag + "/"))
+                print(f"{tag} {metric}: vs optpass-int8 without drafting: {line}")
 
 
 if __name__ == "__main__":

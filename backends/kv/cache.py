@@ -189,5 +189,20 @@ def rollback(cache: Cache, tokens: int) -> None:
             layer.crop(-tokens)
 
 
+def snapshot(cache: CompressedKVCache) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """A copy of a compressed cache's state before a verify step. Its layers evict as tokens arrive, so a rejected
+    draft cannot be cropped away: the engine restores this and re-runs the accepted tokens instead."""
+    return [(layer.seen, {n: t.clone() for n, t in layer.tensors().items()}) for layer in cache.layers]
+
+
+def restore(cache: CompressedKVCache, saved: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
+    """Put `snapshot`'s state back, in place (compiled steps hold the cache's tensors)."""
+    for layer, (seen, tensors) in zip(cache.layers, saved):
+        layer.seen = seen
+        current = layer.tensors()
+        for name, value in tensors.items():
+            current[name].copy_(value)
+
+
 def can_roll_back(cache: Cache) -> bool:
     return all(getattr(layer, "is_croppable", False) for layer in cache.layers)

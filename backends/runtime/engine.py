@@ -11,7 +11,9 @@ weights become constants), skips guard evaluation on the hot loop, and runs a mi
 With a proposer in the plan (prompt lookup, token recycling) the engine also compiles a verify step that scores
 the last token and k drafted ones in one forward (at batch 1 a step is bound by reading weights, so k + 1 rows
 cost little more than one), keeps what `verify.accept` accepts and rolls the cache back past the first
-rejection (`Cache.crop`); `gate.DraftGate` turns drafting off where it does not pay.
+rejection (`Cache.crop`); `gate.DraftGate` turns drafting off where it does not pay. A compressed cache evicts as
+tokens arrive and cannot be cropped: its state is copied before a verify step and, on a rejection, put back and
+the accepted tokens re-run (a rejected verify then costs about two steps; the gate sees that time).
 
 With a layer-skip schedule in the plan (`backends/skip_schedule.py`) each step forces off the blocks every row
 is past the threshold of, and a compiled graph is kept per such stage (at most one per scheduled block + 1).
@@ -87,8 +89,6 @@ class DecodeEngine:
         """The plan's proposer for this call, or (None, why not)."""
         if not self.draft:
             return None, "no proposer in the plan"
-        if self.kv_settings is not None:
-            return None, "the compressed KV cache cannot roll back a rejected draft"
         if self.skip:
             return None, "a layer-skip schedule: a rejected draft cannot be rolled back in blocks that did not run"
         if prompt + new + self.draft > self.plan.max_cache_len:
@@ -177,7 +177,7 @@ class DecodeEngine:
         """Prompt + up to `new` tokens, [B, S + n], as transformers' loop returns them: rows that finished (EOS or
         `stop`) continue with `pad`, and the loop ends when every row has. `choice` picks the next tokens
         (default: greedy); with `speculate` and a proposer in the plan, drafts are verified k at a time."""
-        from optpass.backends.kv.cache import rollback
+        from optpass.backends.kv.cache import restore, rollback, snapshot
 
         batch, prompt = ids.shape
         if not self.fits(prompt, new):
@@ -236,6 +236,7 @@ class DecodeEngine:
                 step_mask[:, cached:cached + width] = 1
             stage = self._skip_stage(int(valid.min())) if self.skip else 0
             t0 = time.perf_counter()
+            saved = snapshot(self.cache) if draft is not None and self.kv_settings is not None else None
             with row_exact() if draft is not None else contextlib.nullcontext():
                 logits, argmax = step_for(width, stage)(inputs, valid + torch.arange(width), step_mask)
             if draft is None:
@@ -243,7 +244,12 @@ class DecodeEngine:
             else:
                 pending = choice.accept(out, draft, logits, argmax, min(k, remaining - 1), unfinished)
                 kept = pending.shape[1]  # the input token and the accepted drafts stay in the cache
-                rollback(self.cache, width - kept)
+                if saved is None:
+                    rollback(self.cache, width - kept)
+                elif kept < width:
+                    restore(self.cache, saved)
+                    with row_exact():
+                        step_for(kept, stage)(inputs[:, :kept].contiguous(), valid + torch.arange(kept), step_mask)
                 if step_mask is not None:
                     step_mask[:, cached + kept:cached + width] = 0
                 width = kept

@@ -206,12 +206,20 @@ def _measure(report: OptimizationReport, baseline: nn.Module, optimized: nn.Modu
     gain = sum(c.predicted_gain or 0.0 for c in kept)
     times = interleaved_times({"baseline": no_grad(lambda: batch.run(baseline)),
                                "optimized": no_grad(lambda: batch.run(optimized))}, rounds=7)
+    from optpass.cost_models.calibration_checks import busy
+    from optpass.cost_models.selection import band_for
+    from optpass.timing_trust import latency_notes, spread
+
     report.latency = {
         "shape": f"eager forward, batch {b} x {s} tokens",
         "baseline_ms": 1e3 * statistics.median(times["baseline"]),
         "optimized_ms": 1e3 * statistics.median(times["optimized"]),
+        "baseline_spread": spread(times["baseline"]),
+        "optimized_spread": spread(times["optimized"]),
         "predicted_baseline_ms": 1e3 * predicted_base,
         "predicted_optimized_ms": 1e3 * predicted_base * (1 - gain),
+        "notes": latency_notes(times["baseline"], times["optimized"], gain, band_for(spec)[0],
+                               busy() if spec.kind == "cpu" else None),
     }
     d_mem = sum(c.predicted_memory or 0.0 for c in kept)
     base_bytes = weight_bytes(baseline)

@@ -77,11 +77,13 @@ class OptimizationReport:
         if self.latency:
             lat = self.latency
             lines.append(
-                "latency (ms, measured median | predicted): baseline "
-                f"{lat.get('baseline_ms', math.nan):.2f} | {lat.get('predicted_baseline_ms', math.nan):.2f}, optimized "
-                f"{lat.get('optimized_ms', math.nan):.2f} | {lat.get('predicted_optimized_ms', math.nan):.2f}"
+                "latency (ms, measured median +-half range | predicted): baseline "
+                f"{lat.get('baseline_ms', math.nan):.2f} +-{lat.get('baseline_spread', 0) / 2:.0%} | "
+                f"{lat.get('predicted_baseline_ms', math.nan):.2f}, optimized {lat.get('optimized_ms', math.nan):.2f} "
+                f"+-{lat.get('optimized_spread', 0) / 2:.0%} | {lat.get('predicted_optimized_ms', math.nan):.2f}"
                 f"  [{lat.get('shape', '')}]"
             )
+            lines += [f"  latency note: {n}" for n in lat.get("notes", [])]
         if self.memory:
             mem = self.memory
             lines.append(

@@ -107,3 +107,31 @@ def test_cli_show_says_what_is_cached_and_whether_it_is_used(cache, capsys):
     cal.save(record)
     assert main(["calibrate", "--show"]) == 0
     assert "not used:" in capsys.readouterr().out
+
+
+def test_latency_notes_say_when_a_timing_cannot_be_trusted():
+    from optpass.timing_trust import latency_notes
+
+    steady = [0.060, 0.061, 0.059, 0.060, 0.062]
+    faster = [0.022, 0.023, 0.022, 0.021, 0.022]
+    assert latency_notes(steady, faster, 0.62, 0.10, None) == []  # measured 63% vs predicted 62%: nothing to say
+    slower = [2.74, 2.5, 2.9, 2.7, 2.8]
+    notes = latency_notes([0.535] * 5, slower, 0.6, 0.10, None)
+    assert len(notes) == 1 and "measured slower than the baseline (2740.00 vs 535.00 ms)" in notes[0]
+    off = latency_notes(steady, [0.050] * 5, 0.62, 0.10, None)
+    assert "outside the +-10% error band" in off[0]
+    noisy = latency_notes([0.06, 0.2, 0.06], [0.02, 0.02, 0.08], 0.62, 0.10,
+                          "the machine is busy: a GEMM on 2 threads gave a 0.9x speedup over one thread")
+    assert "timing ran while a GEMM on 2 threads gave a 0.9x speedup" in noisy[0] and "spread" in noisy[1]
+
+
+def test_the_report_prints_spreads_and_latency_notes():
+    from optpass.report import OptimizationReport
+
+    report = OptimizationReport(target="cpu", model="M", capture={}, budget={})
+    report.latency = {"baseline_ms": 535.0, "optimized_ms": 2740.0, "baseline_spread": 0.04, "optimized_spread": 0.1,
+                      "predicted_baseline_ms": 500.0, "predicted_optimized_ms": 200.0, "shape": "s",
+                      "notes": ["the optimized model measured slower than the baseline"]}
+    text = str(report)
+    assert "baseline 535.00 +-2% | 500.00, optimized 2740.00 +-5% | 200.00" in text
+    assert "latency note: the optimized model measured slower" in text

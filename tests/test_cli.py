@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -22,9 +22,10 @@ def hf_dir(tmp_path, tiny_llama):
 
 
 def _optpass() -> list[str]:
-    """The installed console script (pip install -e), else the same entry function through the interpreter."""
-    script = shutil.which("optpass")
-    return [script] if script else [sys.executable, "-c", "import sys; from optpass.cli import main; sys.exit(main())"]
+    """The console script installed beside this interpreter (pip install -e; not another environment's on PATH),
+    else the same entry function through the interpreter."""
+    script = Path(sys.executable).parent / "optpass"
+    return [str(script)] if script.exists() else [sys.executable, "-c", "import sys; from optpass.cli import main; sys.exit(main())"]
 
 
 def test_help_lists_commands_in_a_subprocess():

@@ -119,3 +119,31 @@ def test_smollm2_compiles_and_matches_eager(smollm2):
     assert len(backend.reports[0].passes[0]["sites"]) == 210  # 30 layers x 7; the head stays float
     assert top1_agreement(ref, out) >= 0.9
     assert rel_l2(ref, out) < 0.1
+
+
+_SECOND_PROCESS = """
+import torch
+from torch._dynamo.utils import counters
+from optpass.models import tiny_llama
+compiled = torch.compile(tiny_llama(layers=2), backend="optpass")
+with torch.no_grad():
+    compiled(torch.zeros(1, 8, dtype=torch.long))
+print("fxgraph", counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+def test_a_second_process_reuses_the_compiled_artifacts_without_tracebacks(tmp_path):
+    """The quantized modules pickle into Inductor's cache key (no local lambdas), so a second process hits the
+    FX graph cache instead of recompiling, and neither prints a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OPTPASS_PROGRESS": "0"}
+    runs = [subprocess.run([sys.executable, "-c", _SECOND_PROCESS], env=env, capture_output=True, text=True,
+                           timeout=600) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr and "pickle" not in run.stderr.lower(), run.stderr[-2000:]
+    first, second = ([int(v) for v in r.stdout.split("fxgraph")[1].split()] for r in runs)
+    assert first == [0, 1] and second[0] >= 1 and second[1] == 0  # (hits, misses): compiled once, then reused

@@ -107,6 +107,14 @@ def apply_awq(model: nn.Module, sites: tuple[str, ...], group_size: int, calibra
     """Scale the float weights of `sites` in place (before they are quantized) and fold the inverse scale."""
     groups, unscaled = fold_groups(graph, model, sites)
     inputs = _collect_inputs(model, [g["linears"][0] for g in groups], calibration)
+    return {"alphas": scale_groups(model, groups, inputs, group_size), "unscaled": unscaled}
+
+
+@torch.no_grad()
+def scale_groups(model: nn.Module, groups: list[dict[str, Any]], inputs: dict[str, torch.Tensor],
+                 group_size: int) -> dict[str, float]:
+    """Search each group's scale on its first linear's inputs, scale its weights and fold 1/s into the
+    producer; returns alpha per group. Shared by the whole-model pass and the block-by-block streaming path."""
     alphas = {}
     for group in groups:
         linears = [model.get_submodule(p) for p in group["linears"]]
@@ -125,4 +133,4 @@ def apply_awq(model: nn.Module, sites: tuple[str, ...], group_size: int, calibra
             producer.weight = nn.Parameter(producer.weight / s[:, None].to(producer.weight.dtype), requires_grad=False)
             if producer.bias is not None:
                 producer.bias.div_(s.to(producer.bias.dtype))
-    return {"alphas": alphas, "unscaled": unscaled}
+    return alphas

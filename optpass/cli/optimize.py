@@ -1,4 +1,5 @@
-"""`optpass optimize MODEL --target T [-o OUT]`: optimize, print the report, optionally write a checkpoint."""
+"""`optpass optimize MODEL --target T [-o OUT [--format F]]`: optimize, print the report, optionally write a
+checkpoint (or a GGUF / compressed-tensors export)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-json", default=None, help="also write the report as JSON to this file")
     p.add_argument("-o", "--output", default=None, help="write the optimized checkpoint to this directory "
                                                         "(an .onnx path for ONNX input)")
+    p.add_argument("--format", default="optpass", metavar="{optpass,gguf,compressed-tensors}",
+                   help="what -o writes: optpass's checkpoint (default), a .gguf file for llama.cpp, or a "
+                        "compressed-tensors Hugging Face directory for transformers / vLLM")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="text file used as calibration / quality data (tokenized with the model's tokenizer)")
     p.add_argument("--streaming", action="store_true",
@@ -34,12 +38,14 @@ def run(args: argparse.Namespace) -> int:
 
     import optpass
     from optpass.cli.sources import calibration_tokens, optimize_onnx_file
-    from optpass.cli.validate import check_model_spec, check_names
+    from optpass.cli.validate import check_export, check_model_spec, check_names
+    from optpass.export import preflight
     from optpass.sources import is_onnx, load_model_source
 
     passes = args.passes.split(",") if args.passes and args.passes != "auto" else "auto"
     check_names(args.target, passes, args.quality_budget)
     check_model_spec(args.model)
+    check_export(args.format, args.output, onnx=is_onnx(args.model))
     if args.threads:
         torch.set_num_threads(args.threads)
     from optpass.streaming import wants_streaming
@@ -47,15 +53,17 @@ def run(args: argparse.Namespace) -> int:
     if is_onnx(args.model) and not args.streaming:
         report = optimize_onnx_file(args, passes)
     elif wants_streaming(args.model, True if args.streaming else None, passes)[0]:
+        check_export(args.format, args.output, streaming=True)
         report = _streamed(args, passes)
     else:
         model, tokenizer = load_model_source(args.model)
+        preflight(args.format, model)
         calibration = calibration_tokens(args.calibration, tokenizer) if args.calibration else None
         optimized = optpass.optimize(model, target=args.target, passes=passes, quality_budget=args.quality_budget,
                                      objective=args.objective, calibration_data=calibration)
         report = optimized.optpass_report
         if args.output:
-            optpass.save(optimized, args.output, tokenizer=tokenizer)
+            optpass.save(optimized, args.output, tokenizer=tokenizer, format=args.format)
     print(report)
     if args.output:
         print(f"wrote {args.output}")

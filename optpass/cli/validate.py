@@ -27,3 +27,22 @@ def check_names(target: str | None = None, passes: list[str] | str | None = None
             get_pass(name)
     if budget:
         QualityBudget.parse(budget)
+
+
+def check_export(fmt: str, output: str | None, onnx: bool = False, streaming: bool = False) -> None:
+    """--format: a known name, with an -o that fits it (gguf: a .gguf file); other formats than optpass's need
+    the model in memory (not ONNX input, not the block-by-block path)."""
+    from optpass.errors import ConfigError
+    from optpass.export import check_destination, check_format
+
+    check_format(fmt)
+    if fmt == "optpass":
+        return
+    if output is None:
+        raise ConfigError(f"--format {fmt}: give the output path with -o")
+    if onnx:
+        raise ConfigError(f"--format {fmt}: ONNX input is written back as ONNX; --format applies to PyTorch models")
+    if streaming:
+        raise ConfigError(f"--format {fmt}: the block-by-block path writes optpass checkpoints; export one afterwards "
+                          f"with optpass.save(optpass.load(DIR), PATH, format={fmt!r})")
+    check_destination(fmt, output)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, StaticLayer
 
 from optpass.backends.kv.layer import CompressedLayer, OptpassLayer
 from optpass.backends.kv.ring import RingLayer
@@ -150,19 +150,39 @@ class CompressedKVCache(Cache):
 
 
 def static_cache(model_config: Any, max_cache_len: int, slack: int = 0) -> Cache:
-    """An uncompressed cache with static shapes for a compiled decode step: transformers' `StaticCache` when
-    every layer attends fully; otherwise its `StaticLayer` for full layers and an exact ring of the model's
-    window for sliding ones (transformers' static sliding layer branches on a Python counter, which a compiled
-    step that skips guards would freeze). The ring needs `enable_compressed_attention(model)`; `slack` extra ring
+    """An uncompressed cache with static shapes for a compiled decode step: a `PromptFirstLayer` (transformers'
+    `StaticLayer` whose prompt attends only to itself) for full layers and an exact ring of the model's window
+    for sliding ones (transformers' static sliding layer branches on a Python counter, which a compiled step
+    that skips guards would freeze). The ring needs `enable_compressed_attention(model)`; `slack` extra ring
     slots let a speculative step roll back that many tokens."""
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
+    return Cache(layers=[PromptFirstLayer(max_cache_len) if k.kind == FULL else RingLayer(int(k.window), None, i, slack, k.sink)
+                         for i, k in enumerate(_kinds(model_config))])
 
-    kinds = _kinds(model_config)
-    if all(k.kind == FULL for k in kinds):
-        return StaticCache(config=model_config, max_cache_len=max_cache_len)
-    return Cache(layers=[StaticLayer(max_cache_len) if k.kind == FULL else RingLayer(int(k.window), None, i, slack, k.sink)
-                         for i, k in enumerate(kinds)])
+
+class PromptFirstLayer(StaticLayer):
+    """transformers' `StaticLayer`, except that the prompt (the first update after a reset) attends to its own
+    keys only, not to all `max_cache_len` slots: a static layer hands attention the whole buffer with a mask
+    over it, so a 1.1k-token prompt in a 2048-slot cache paid for 2048 keys per query, and an explicit mask
+    also kept SDPA off its causal kernel. Decode steps see the whole static buffer as before."""
+
+    def __init__(self, max_cache_len: int) -> None:
+        super().__init__(max_cache_len)
+        self.prefilled = False  # a Python flag: compiled decode steps see it constant (True)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.prefilled:
+            return keys, values
+        self.prefilled = True
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return (super().get_mask_sizes(query_length) if self.prefilled else (query_length, 0))
+
+    def reset(self) -> None:
+        super().reset()
+        self.prefilled = False
 
 
 def has_sliding_layers(model_config: Any) -> bool:

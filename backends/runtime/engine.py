@@ -4,9 +4,10 @@ At SmolLM2's size a decode step is dominated by per-token overhead, not bytes: t
 dynamo guard evaluation and Python dispatch each cost milliseconds. The engine keeps one static cache per
 (batch, length bucket), compiles the step (tokens -> logits) once per bucket with Inductor (freezing on, so
 weights become constants), skips guard evaluation on the hot loop, and runs a minimal loop; prefill runs eager
-(its shapes vary) and computes the head at the last position only. Left-padded batches carry a static
-[B, L] attention mask and per-row positions. The cache layout comes from the `DecodePlan`: transformers'
-`StaticCache` (optpass rings for sliding-window layers) or the compressed fixed-budget cache.
+(its shapes vary), attends over the prompt's own keys only (`PromptFirstLayer`) and computes the head at the
+last position only. Left-padded batches carry a static [B, L] attention mask and per-row positions. The cache
+layout comes from the `DecodePlan`: transformers' static layers (optpass rings for sliding-window layers) or the
+compressed fixed-budget cache.
 
 With a proposer in the plan (prompt lookup, token recycling) the engine also compiles a verify step that scores
 the last token and k drafted ones in one forward (at batch 1 a step is bound by reading weights, so k + 1 rows

@@ -58,7 +58,8 @@ class Explanation:
         return dict(self.__dict__)
 
     def plot(self, path: str) -> str:
-        """Predicted latency vs sequence length, baseline vs plan: prefill (S = S_ctx) and decode (1 token over S_ctx)."""
+        """Predicted latency vs sequence length: prefill (S = S_ctx) and decode (1 token over S_ctx), for the
+        baseline, the plan, and each candidate alone (dashed), so crossovers show even when nothing is chosen."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -67,7 +68,9 @@ class Explanation:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, (mode, series) in zip(axes, self.curves.items()):
             for name, ys in series.items():
-                ax.plot(SEQS, ys, marker="o", ms=3, label=name)
+                style = {"color": "black", "lw": 2} if name == "baseline" else \
+                    {"lw": 2} if name.startswith("plan: ") else {"ls": "--", "lw": 1}
+                ax.plot(SEQS, ys, marker="o", ms=3, label=name, **style)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length S" if mode == "prefill" else "context length S_ctx (1 new token)")
@@ -164,11 +167,18 @@ def explain(model: nn.Module | str, target: str = "cpu", example_inputs: tuple[A
             "crossover": est.crossover if est else None,
             "crossover_note": _crossover_note(d.candidate, graph, spec) if est and est.crossover else ""})
     out.plan = [f"{c.pass_name}: {c.label}" for c in plan]
-    plan_name = "plan: " + (" + ".join(c.label for c in plan) or "nothing")
-    out.curves = {
-        "prefill": {"baseline": [1e3 * predict_forward(graph, spec, 1, s, s) for s in SEQS],
-                    plan_name: [1e3 * predict_forward(graph, spec, 1, s, s, overrides) for s in SEQS]},
-        "decode": {"baseline": [1e3 * predict_forward(graph, spec, 1, 1, s) for s in SEQS],
-                   plan_name: [1e3 * predict_forward(graph, spec, 1, 1, s, overrides) for s in SEQS]},
-    }
+    # the baseline, the plan (when there is one), and every candidate alone: where each crosses the baseline
+    # is visible even when nothing is chosen
+    variants: dict[str, dict | None] = {"baseline": None}
+    if overrides:  # a plan of rewrites the forward formula models (a drafter's gain is per generated token)
+        variants["plan: " + " + ".join(c.label for c in plan)] = overrides
+    for d in decisions:  # (candidates whose cost the forward formula models: the linear-scheme rewrites)
+        alone = overrides_for([d.candidate])
+        if alone:
+            variants.setdefault(f"{d.candidate.pass_name}: {d.candidate.label}", alone)
+    shapes = {"prefill": lambda s: (1, s, s), "decode": lambda s: (1, 1, s)}
+    out.curves = {mode: {name: [1e3 * predict_forward(graph, spec, *shape(s), overrides=o) if o else
+                                1e3 * predict_forward(graph, spec, *shape(s)) for s in SEQS]
+                         for name, o in variants.items()}
+                  for mode, shape in shapes.items()}
     return out

@@ -223,3 +223,19 @@ def test_vocabulary_sized_weights_use_their_own_measured_regime():
         return F.evaluate(F.linear_time(spec, "fp32", n, k, sp.Integer(16)))
     assert seconds(1000, 1000) == pytest.approx(2 * 16 * 1e6 / 1e10)  # block-sized: compute-bound at 1e10
     assert seconds(5000, 5000) == pytest.approx(2 * 16 * 25e6 / 2.5e9)  # vocabulary-sized: its own 2.5e9
+
+
+def test_explain_curves_show_each_candidate_even_when_the_plan_changes_no_forward(tiny_graph):
+    """The plot's curves: the baseline, each linear-scheme candidate alone, and the plan only when it changes
+    the forward (never a second copy of the baseline labelled 'plan: nothing')."""
+    import optpass
+
+    model, _ = tiny_graph
+    out = optpass.explain(model, target="cpu", passes=["quantize"])
+    for mode, series in out.curves.items():
+        names = list(series)
+        assert names[0] == "baseline" and any(n.startswith("quantize: blocks int8") for n in names), names
+        assert all(len(ys) == len(series["baseline"]) for ys in series.values())
+        others = [n for n in names if n != "baseline" and not n.startswith("plan: ")]
+        assert any(series[n] != series["baseline"] for n in others), mode
+        assert not any(n.startswith("plan: ") and series[n] == series["baseline"] for n in names)

@@ -185,6 +185,9 @@ def read_state(directory: str | Path) -> dict[str, Any]:
         state = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if state.get("format") == "optpass-export":
+        raise CheckpointError(f"{path}: an export for {state.get('export', {}).get('format')} (optpass.save(..., "
+                              "format=...)), not an optpass checkpoint: load it with that format's engine")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format is {state.get('format')!r}, expected {FORMAT!r}")
     version = state.get("format_version")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import optpass
-from optpass.errors import ExportError
+from optpass.errors import CheckpointError, ExportError
 from optpass.passes.quantize import QuantizeConfig
 from tests.export_helpers import dequantized, quantize_as, sharp_tiny_llama
 
@@ -79,6 +79,8 @@ def test_w4a16_config_and_packed_tensors(optimized, tmp_path):
     assert state["format"] == "optpass-export" and state["export"]["int4"] == {"chosen": "w4a16", "how": "requested"}
     assert [p["name"] for p in state["passes"]] == ["quantize"] and len(state["export"]["vllm_schemes"]) == 2
     assert 0.3 < state["export"]["weight_error"]["max_in_steps"] <= 0.5
+    with pytest.raises(CheckpointError, match="an export for compressed-tensors .* not an optpass checkpoint"):
+        optpass.load(out)
 
 
 def test_auto_keeps_w4a16_within_budget_and_falls_back_to_w8a16_over_it(optimized, tmp_path):
@@ -101,8 +103,9 @@ def test_auto_keeps_w4a16_within_budget_and_falls_back_to_w8a16_over_it(optimize
 
 
 def test_stock_transformers_loads_the_exports_without_optpass(optimized, tmp_path):
-    """W8A16 int4 re-encoding, exact int8 layers, a float head in `ignore`, removed blocks renumbered: each loads
-    in transformers (no missing / unexpected keys) and computes the logits of its fp32 twin in optpass."""
+    """W8A16 int4 re-encoding, exact int8 layers, a float head in `ignore`, removed blocks renumbered, int4 with
+    float zero points: each loads in transformers (no missing / unexpected keys) and computes the logits of its
+    fp32 twin in optpass (for "float-zero": optpass's own int4 weights, unchanged)."""
     from optpass.export.candidates import float_twin
     from optpass.export.ct_layers import engine_layer
     from optpass.passes.layer_skip import RemovedBlock
@@ -112,14 +115,19 @@ def test_stock_transformers_loads_the_exports_without_optpass(optimized, tmp_pat
     skipped.model.layers[0] = RemovedBlock(0)
     dirs = {"w8a16": optpass.save(optimized, tmp_path / "w8", format="compressed-tensors", int4="w8a16"),
             "int8": optpass.save(int8, tmp_path / "i8", format="compressed-tensors"),
-            "skip": optpass.save(skipped, tmp_path / "skip", format="compressed-tensors", int4="w8a16")}
+            "skip": optpass.save(skipped, tmp_path / "skip", format="compressed-tensors", int4="w8a16"),
+            "float-zero": optpass.save(optimized, tmp_path / "fz", format="compressed-tensors", int4="float-zero")}
     assert json.loads((dirs["int8"] / "config.json").read_text())["quantization_config"]["ignore"] == ["lm_head"]
     assert json.loads((dirs["skip"] / "config.json").read_text())["num_hidden_layers"] == 1
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
     got = _transformers_logits(tmp_path, ids, *dirs.values())
-    for key, model in (("w8a16", optimized), ("int8", int8), ("skip", skipped)):
+    fz_state = json.loads((dirs["float-zero"] / "optpass_state.json").read_text())["export"]
+    assert fz_state["int4"] == {"chosen": "float-zero", "how": "requested"}
+    assert any(s.startswith("none: vLLM") for s in fz_state["vllm_schemes"])  # said plainly: vLLM won't serve it
+    for key, model in (("w8a16", optimized), ("int8", int8), ("skip", skipped), ("float-zero", optimized)):
+        encoding = "float-zero" if key == "float-zero" else "w8a16"
         with torch.no_grad():
-            want = float_twin(model, lambda lw: engine_layer(lw, "w8a16").dequantized())(input_ids=ids).logits
+            want = float_twin(model, lambda lw: engine_layer(lw, encoding).dequantized())(input_ids=ids).logits
             ours = model(input_ids=ids).logits
         torch.testing.assert_close(got[str(dirs[key])], want, rtol=0, atol=1e-4)
         assert float((got[str(dirs[key])].argmax(-1) == ours.argmax(-1)).float().mean()) >= 0.95
@@ -145,7 +153,7 @@ def test_refusals(tmp_path, tiny_dit):
     with pytest.raises(ExportError, match="is not a transformers model"):
         optpass.save(tiny_dit, tmp_path / "dit", format="compressed-tensors")
     model = quantize_as(sharp_tiny_llama(), {"proj": ("int4", 32)})
-    with pytest.raises(ExportError, match="int4='w2a16'; choose auto, w4a16, w8a16"):
+    with pytest.raises(ExportError, match="int4='w2a16'; choose auto, w4a16, w8a16, float-zero"):
         optpass.save(model, tmp_path / "bad", format="compressed-tensors", int4="w2a16")
     with pytest.raises(ExportError, match="writes a directory"):
         optpass.save(model, tmp_path / "x.gguf", format="compressed-tensors")

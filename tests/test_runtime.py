@@ -177,6 +177,29 @@ def test_nucleus_without_a_full_sort_keeps_transformers_set(scale):
         assert bool(torch.isfinite(got.gather(1, picks.T)).all())
 
 
+@pytest.mark.parametrize("fields", [{"temperature": 0.7, "top_p": 0.9}, {"top_k": 40, "temperature": 1.3},
+                                    {"min_p": 0.05}, {"temperature": 0.8, "top_k": 300, "top_p": 0.95, "min_p": 0.02},
+                                    {"top_p": 0.999}])
+def test_sampling_among_top_candidates_is_transformers_distribution(fields):
+    """The draw's fast path (warpers computed on a top-k slice, `warped_candidates`) gives the distribution of
+    generate()'s own warpers on a 49k vocabulary, flat and peaked logits alike; its draws are kept tokens."""
+    model = tiny_llama()
+    config = GenerationConfig(do_sample=True, **fields)
+    reference = model._get_logits_processor(config, input_ids_seq_length=6)
+    ours = sampler.processors(config, prompt_len=6, eos=[])
+    before, warpers = sampler.split_warpers(ours)
+    assert not len(before) and warpers
+    for scale in (0.3, 3.0, 12.0):
+        logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(11)) * scale
+        want = torch.softmax(reference(None, logits.clone()), -1)
+        index, kept = sampler.warped_candidates(logits.clone(), warpers)
+        got = torch.zeros_like(want).scatter_(1, index, torch.softmax(kept, -1))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+        torch.manual_seed(0)
+        picks = torch.stack([sampler.choose(None, logits, ours, True) for _ in range(20)])
+        assert bool((want.gather(1, picks.T) > 0).all())
+
+
 def test_draw_follows_the_distribution():
     scores = torch.full((1, 4096), float("-inf"))
     scores[0, [3, 100, 2000]] = torch.tensor([0.0, 1.0, 2.0])

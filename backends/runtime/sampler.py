@@ -16,6 +16,7 @@ seed reproduces optpass's tokens, not transformers' token for token.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -91,9 +92,67 @@ def draw(scores: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows)
 
 
+# the sampling warpers in generate()'s order, and the attribute that holds each one's setting
+WARPER_SETTING = {TemperatureLogitsWarper: "temperature", TopKLogitsWarper: "top_k", NucleusByTopK: "top_p",
+                  MinPLogitsWarper: "min_p"}
+WARPERS = tuple(WARPER_SETTING)
+
+
+def split_warpers(procs: LogitsProcessorList) -> tuple[LogitsProcessorList, list[Any]]:
+    """(the processors before the sampling warpers, the trailing warpers), as `processors()` orders them."""
+    i = len(procs)
+    while i and isinstance(procs[i - 1], WARPERS):
+        i -= 1
+    return LogitsProcessorList(procs[:i]), list(procs[i:])
+
+
+def warped_candidates(scores: torch.Tensor, warpers: list[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The warpers' result on the top candidates only: (token ids [B, k], their warped scores [B, k], -inf where
+    dropped). Temperature, top-k, top-p and min-p each keep a prefix of the tokens sorted by score, so the kept
+    set is found in a top-k slice widened until every row's set ends inside it: no vocabulary-sized softmax,
+    scatter or processor-list call per token. None when the warpers are in another order or do not truncate."""
+    settings = {"temperature": 1.0, "top_k": None, "top_p": 1.0, "min_p": None}
+    for w in warpers:
+        setting = WARPER_SETTING[type(w)]
+        settings[setting] = getattr(w, setting)
+    temperature, top_k, top_p, min_p = settings.values()
+    in_order = [type(w) for w in warpers] == [t for t in WARPERS if any(type(w) is t for w in warpers)]
+    if not in_order or (top_k is None and top_p >= 1.0 and min_p is None):
+        return None
+    vocab = scores.shape[-1]
+    support = min(top_k, vocab) if top_k is not None else vocab
+    scores = scores / temperature if temperature != 1.0 else scores
+    # top-k given: its whole set at once (the nucleus renormalises over it); else widen from FIRST_K
+    k = support if top_k is not None else min(NucleusByTopK.FIRST_K, vocab)
+    log_total = torch.logsumexp(scores, dim=-1, keepdim=True) if k < support and top_p < 1.0 else None
+    while True:
+        top, index = scores.topk(k, dim=-1)  # descending
+        keep = torch.ones_like(top, dtype=torch.bool)
+        if top_p < 1.0:
+            total = torch.logsumexp(top, dim=-1, keepdim=True) if k == support else log_total
+            probs = (top - total).exp()
+            keep = probs.cumsum(-1) - probs < top_p  # the mass above a kept token is below p
+        if min_p is not None:  # p_i >= min_p * p_max  <=>  s_i >= s_max + log(min_p), normalisation aside
+            keep &= top >= top[:, :1] + math.log(min_p)
+        keep[:, 0] = True  # min_tokens_to_keep = 1
+        if k == support or not bool(keep[:, -1].any()):
+            return index, torch.where(keep, top, torch.full_like(top, float("-inf")))
+        k = min(16 * k, support)
+
+
+def draw_warped(scores: torch.Tensor, warpers: list[Any]) -> torch.Tensor:
+    """One token per row from softmax(warpers(scores)): among `warped_candidates` when it applies."""
+    found = warped_candidates(scores, warpers)
+    if found is None:
+        return draw(LogitsProcessorList(warpers)(None, scores))
+    index, kept = found
+    return index.gather(1, torch.multinomial(torch.softmax(kept, dim=-1), num_samples=1)).squeeze(1)
+
+
 def choose(ids: torch.Tensor, logits: torch.Tensor, procs: LogitsProcessorList, sample: bool) -> torch.Tensor:
     """Next tokens [B] from `logits` [B, V] given the sequences so far `ids` [B, T]."""
-    scores = procs(ids, logits.float()) if len(procs) else logits.float()
     if not sample:
-        return scores.argmax(-1)
-    return draw(scores)
+        return (procs(ids, logits.float()) if len(procs) else logits.float()).argmax(-1)
+    before, warpers = split_warpers(procs)
+    scores = before(ids, logits.float()) if len(before) else logits.float()
+    return draw_warped(scores, warpers) if warpers else draw(scores)

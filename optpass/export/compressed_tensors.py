@@ -9,14 +9,17 @@ in float) are listed in `ignore`; blocks removed by layer skipping are left out 
 optpass int8 layers are written exactly. optpass int4 keeps a float zero point, compressed-tensors an integer
 one, so int4 layers are re-encoded (`ct_layers`) as a candidate checked against the quality budget like any
 other: `int4="auto"` (default) writes W4A16 when the integer-zero weights stay within the budget `optimize()`
-used, else W8A16 (near exact, twice int4's bytes); "w4a16" / "w8a16" force one. Both candidates' scores go
-to `optpass_state.json` (`export.int4`), with the decisions vLLM / transformers have no equivalent for
-(KV-cache policy, skip sets, sparse / linear attention, speculative decoding, DiT schedules, the runtime).
+used, else W8A16 (near exact, twice int4's bytes); "w4a16" / "w8a16" force one. "float-zero" writes optpass's
+int4 exactly (float zero points, block strategy): stock transformers loads it, vLLM does not serve it, so
+"auto" never picks it. The candidates' scores go to `optpass_state.json` (`export.int4`), with the decisions
+vLLM / transformers have no equivalent for (KV-cache policy, skip sets, sparse / linear attention,
+speculative decoding, DiT schedules, the runtime).
 
-Known limit (transformers 5.24, compressed-tensors 0.20.1): transformers cannot load an asymmetric
-pack-quantized checkpoint: on the meta device the package leaves zero points unpacked, [N, G] int8, while the
-saved ones are packed [N / 8, G] int32 (the package's own save / load round trip fails the same way), so a
-W4A16 export loads in vLLM but not in transformers; W8A16 (symmetric) loads in both.
+Known limit (transformers 5.24-5.25, compressed-tensors 0.20.1): transformers cannot load an asymmetric
+pack-quantized checkpoint with integer zero points: on the meta device the package leaves zero points
+unpacked, [N, G] int8, while the saved ones are packed [N / 8, G] int32 (the package's own save / load round
+trip fails the same way), so a W4A16 export loads in vLLM but not in transformers; W8A16 (symmetric) loads in
+both, "float-zero" (zero points not packed) in transformers only.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ from torch import nn
 from optpass.backends.cpu.quant_linear import Int4Linear, QuantizedLinear
 from optpass.errors import ExportError
 from optpass.export.common import error_summary, export_state, kept_blocks, linear_weights, renumber, write_state
-from optpass.export.ct_layers import INT4_ENCODINGS, compress_layer, engine_layer, scheme_key
+from optpass.export.ct_layers import INT4_ENCODINGS, VLLM_INT4_ENCODINGS, compress_layer, engine_layer, scheme_key
 
 WEIGHTS_FILE = "model.safetensors"
-VLLM_SCHEMES = {4: "W4A16 (CompressedTensorsWNA16: 4-bit int, group, asymmetric zero points)",
-                8: "W8A16 (CompressedTensorsWNA16: 8-bit int, symmetric, channel or group)"}
+VLLM_SCHEMES = {"w4a16": "W4A16 (CompressedTensorsWNA16: 4-bit int, group, asymmetric zero points)",
+                "w8a16": "W8A16 (CompressedTensorsWNA16: 8-bit int, symmetric, channel or group)",
+                "float-zero": "none: vLLM's compressed-tensors loader has no scheme for 4-bit int, block strategy, "
+                              "float zero points (transformers loads it)"}
 
 
 def choose_int4(model: nn.Module, int4: str, tokenizer: Any) -> tuple[str, dict[str, Any]]:
@@ -52,7 +57,7 @@ def choose_int4(model: nn.Module, int4: str, tokenizer: Any) -> tuple[str, dict[
         return int4, {"chosen": int4, "how": "requested"}
     check = CandidateCheck(model, tokenizer)
     scores = {}
-    for encoding in INT4_ENCODINGS:  # smallest first; the last one is kept even over budget (nothing is closer)
+    for encoding in VLLM_INT4_ENCODINGS:  # smallest first; the last is kept even over budget (closest vLLM serves)
         scores[encoding] = check.score(lambda lw, enc=encoding: engine_layer(lw, enc).dequantized())
         if not scores[encoding]["violations"]:
             break
@@ -61,6 +66,13 @@ def choose_int4(model: nn.Module, int4: str, tokenizer: Any) -> tuple[str, dict[
                       f"{'; '.join(scores[encoding]['violations'])}", stacklevel=3)
     return encoding, {"chosen": encoding, "how": f"quality budget {check.budget.to_dict()} on {check.data}",
                       "candidates": scores}
+
+
+def _vllm_name(weights: Any) -> str:
+    """The `VLLM_SCHEMES` key of one layer's weight arguments."""
+    if weights.num_bits == 8:
+        return "w8a16"
+    return "float-zero" if weights.strategy == "block" else "w4a16"
 
 
 def _targets(names: list[str], all_linears: dict[str, str]) -> list[str]:
@@ -164,8 +176,8 @@ def write_compressed_tensors(model: nn.Module, directory: Path, tokenizer: Any =
     _patch_config(out, index_map, total)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     ModelCompressor(quantization_config=config).update_config(str(out))
-    bits = sorted({s.weights.num_bits for s in schemes.values()})
-    state["export"].update(vllm_schemes=[VLLM_SCHEMES[b] for b in bits], int4=int4_record, ignored=floats,
+    served_as = sorted({_vllm_name(s.weights) for s in schemes.values()})
+    state["export"].update(vllm_schemes=[VLLM_SCHEMES[k] for k in served_as], int4=int4_record, ignored=floats,
                            blocks_removed=sorted(set(range(total)) - set(index_map)),
                            weight_error=error_summary(errors))
     write_state(out, state)

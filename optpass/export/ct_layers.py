@@ -12,6 +12,10 @@ stores an integer one, so an int4 layer has two encodings:
 - "w8a16": the int4 weight re-quantized to 8-bit int, symmetric, same group size, scale = max |W| / 127:
   at most 1/254 of a group's max |W| per weight (on SmolLM2: 0.054 of an int4 step, KL 0.0012 nats),
   twice the bytes of int4 (half of bf16).
+- "float-zero": the codes, scales and float zero points as they are (4-bit int, asymmetric, strategy "block"
+  [1, group], zp_dtype float32): exact and int4-sized. compressed-tensors decompresses it and stock
+  transformers loads it; vLLM does not serve it (its WNA16 loader takes channel / group strategies with
+  integer zero points), so `int4="auto"` never picks it: ask for it by name.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from torch import nn
 from optpass.errors import ExportError
 from optpass.export.common import LinearWeights
 
-INT4_ENCODINGS = ("w4a16", "w8a16")
+VLLM_INT4_ENCODINGS = ("w4a16", "w8a16")  # what vLLM serves, smallest first: the candidates of int4="auto"
+INT4_ENCODINGS = (*VLLM_INT4_ENCODINGS, "float-zero")
 
 
 def integer_zero_grid(lw: LinearWeights) -> LinearWeights:
@@ -47,8 +52,8 @@ def symmetric_int8(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
 
 
 def engine_layer(lw: LinearWeights, int4: str) -> LinearWeights:
-    """The layer as the engine will hold it: int8 unchanged; int4 as `int4` ("w4a16" | "w8a16")."""
-    if lw.kind != "int4":
+    """The layer as the engine will hold it: int8 unchanged; int4 as `int4` (one of `INT4_ENCODINGS`)."""
+    if lw.kind != "int4" or int4 == "float-zero":
         return lw
     if int4 == "w4a16":
         return integer_zero_grid(lw)
@@ -63,6 +68,10 @@ def scheme_for(lw: LinearWeights) -> Any:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     group = {"strategy": "group", "group_size": lw.group_size} if lw.group_size else {"strategy": "channel"}
+    if lw.kind == "int4" and not bool((lw.zero == lw.zero.round()).all()):  # "float-zero": see the docstring
+        return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=False, strategy="block", block_structure=[1, lw.group_size],
+            zp_dtype=torch.float32))
     bits, symmetric = (4, False) if lw.kind == "int4" else (8, True)
     return QuantizationScheme(targets=["Linear"],
                               weights=QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, **group))

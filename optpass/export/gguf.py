@@ -70,7 +70,8 @@ def _step(lw: LinearWeights) -> torch.Tensor:
     return per_block(lw.scale, lw.group_size, lw.in_features)
 
 
-def encode_linear(lw: LinearWeights) -> tuple[np.ndarray, str, torch.Tensor, torch.Tensor | None]:
+def encode_linear(lw: LinearWeights, smallest: bool = True
+                  ) -> tuple[np.ndarray, str, torch.Tensor, torch.Tensor | None]:
     """(GGUF data, GGML type name, the weight llama.cpp computes with, step per 32-block or None)."""
     if lw.kind == "int4":
         raw, weight = q4_1(lw)
@@ -78,15 +79,15 @@ def encode_linear(lw: LinearWeights) -> tuple[np.ndarray, str, torch.Tensor, tor
     if lw.kind == "int8":
         raw, weight = q8_0(lw)
         return raw, "Q8_0", weight, _step(lw)
-    raw, kind = lossless_float(lw.weight)
+    raw, kind = lossless_float(lw.weight, smallest)
     return raw, kind, lw.weight.float(), None
 
 
 class _Tensors:
     """Collects GGUF tensors and the error of each against optpass's weights."""
 
-    def __init__(self, writer: Any) -> None:
-        self.writer, self.types, self.errors = writer, Counter(), []
+    def __init__(self, writer: Any, smallest: bool) -> None:
+        self.writer, self.smallest, self.types, self.errors = writer, smallest, Counter(), []
 
     def add(self, name: str, data: np.ndarray, kind: str) -> None:
         import gguf
@@ -96,7 +97,7 @@ class _Tensors:
         self.types[kind] += 1
 
     def linear(self, name: str, lw: LinearWeights) -> None:
-        raw, kind, weight, step = encode_linear(lw)
+        raw, kind, weight, step = encode_linear(lw, self.smallest)
         self.add(name, raw, kind)
         self.errors.append((name, weight, lw.dequantized(), step))
 
@@ -141,7 +142,7 @@ def _write_tensors(model: nn.Module, hp: dict[str, Any], out: _Tensors, name_map
     inner = model.model
     written = {"model.embed_tokens.", "model.norm.", "lm_head."}
     embed = inner.embed_tokens.weight.detach()
-    raw, kind = lossless_float(embed)
+    raw, kind = lossless_float(embed, out.smallest)
     out.add("token_embd.weight", raw, kind)
     for j, (i, block) in enumerate(kept_blocks(model)):
         hf = f"model.layers.{j}."
@@ -165,12 +166,15 @@ def _write_tensors(model: nn.Module, hp: dict[str, Any], out: _Tensors, name_map
     return written
 
 
-def write_gguf(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
-    """Write `model` to `path` (a .gguf file); see the module docstring for what is kept and how exactly."""
+def write_gguf(model: nn.Module, path: Path, tokenizer: Any = None, float_matrices: str = "smallest") -> Path:
+    """Write `model` to `path` (a .gguf file); see the module docstring for what is kept and how exactly.
+    `float_matrices`: "smallest" (lossless Q8_0 / F16 / F32) or "F32" (e.g. to check the architecture mapping:
+    an fp32 model in F32 with an F32 KV cache gives HF's logits to 1e-4 in llama.cpp)."""
+    if float_matrices not in ("smallest", "F32"):
+        raise ExportError(f"gguf export: float_matrices={float_matrices!r}; choose 'smallest' or 'F32'")
     import gguf
 
     from optpass.adapters import tokenizer_for
-
     from optpass.export import check_destination
 
     path = Path(path)
@@ -182,7 +186,7 @@ def write_gguf(model: nn.Module, path: Path, tokenizer: Any = None) -> Path:
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
         _add_metadata(writer, hp, blocks, model)
-        tensors = _Tensors(writer)
+        tensors = _Tensors(writer, float_matrices == "smallest")
         with torch.no_grad():
             written = _write_tensors(model, hp, tensors, gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks))
         leftover = [k for k in model.state_dict() if not any(k.startswith(p) for p in written)]

@@ -11,7 +11,8 @@ Per scheme (int4 g32 blocks + int8 head; int8 blocks + int8 head):
 - compressed-tensors directory in stock transformers (a subprocess that never imports optpass): the same
   agreement figures and perplexity, which int4 encoding the quality budget chose and both candidates' scores;
   the W4A16 (integer zero point) weights' agreement, computed in optpass's fp32 twin (transformers cannot
-  load an asymmetric pack-quantized checkpoint, see optpass/export/compressed_tensors.py).
+  load an asymmetric pack-quantized checkpoint, see optpass/export/compressed_tensors.py); for int4, the
+  "float-zero" encoding too (optpass's int4 exactly, in transformers; vLLM does not serve it).
 - the mapping alone: the fp32 model as an F32 GGUF in llama.cpp with an F32 KV cache vs transformers;
 - timing (skip with --no-timing): llama.cpp decode tok/s on optpass's int4 GGUF vs the shipped
   SmolLM2-135M-Instruct.Q4_1.gguf, one process, interleaved rounds (medians).
@@ -139,6 +140,16 @@ def gguf_section(tokenizer: Any, path: Path, refs: dict, windows: torch.Tensor, 
     return out
 
 
+def transformers_agreement(directory: Path, refs: dict, windows: torch.Tensor, tmp: Path) -> dict:
+    """Stock transformers (a subprocess without optpass) on an exported directory: agreement with each reference."""
+    torch.save(windows, tmp / "ids.pt")
+    run = subprocess.run([sys.executable, "-c", TRANSFORMERS_LOGITS, str(directory), str(tmp / "ids.pt"),
+                          str(tmp / "ct_logits.pt")], capture_output=True, text=True, timeout=1800)
+    if run.returncode:
+        raise RuntimeError(f"transformers could not run the export: {run.stderr[-2000:]}")
+    return compare(f"transformers ({directory.name})", list(torch.load(tmp / "ct_logits.pt")), refs, windows)
+
+
 def ct_section(model: Any, tokenizer: Any, directory: Path, refs: dict, windows: torch.Tensor, tmp: Path) -> dict:
     import optpass
     from optpass.export.candidates import float_twin
@@ -147,12 +158,7 @@ def ct_section(model: Any, tokenizer: Any, directory: Path, refs: dict, windows:
     start = time.perf_counter()
     optpass.save(model, directory, format="compressed-tensors", tokenizer=tokenizer)
     seconds = time.perf_counter() - start
-    torch.save(windows, tmp / "ids.pt")
-    run = subprocess.run([sys.executable, "-c", TRANSFORMERS_LOGITS, str(directory), str(tmp / "ids.pt"),
-                          str(tmp / "ct_logits.pt")], capture_output=True, text=True, timeout=1800)
-    if run.returncode:
-        raise RuntimeError(f"transformers could not run the export: {run.stderr[-2000:]}")
-    out = compare("transformers (compressed-tensors)", list(torch.load(tmp / "ct_logits.pt")), refs, windows)
+    out = transformers_agreement(directory, refs, windows, tmp)
     state = json.loads((directory / "optpass_state.json").read_text())["export"]
     out.update(export_seconds=seconds, int4=state["int4"], weight_error=state["weight_error"],
                vllm_schemes=state["vllm_schemes"], bytes=sum(f.stat().st_size for f in directory.iterdir()))
@@ -161,6 +167,12 @@ def ct_section(model: Any, tokenizer: Any, directory: Path, refs: dict, windows:
         with torch.no_grad():
             logits = [twin(input_ids=w[None]).logits[0] for w in windows]
         out["w4a16_fp32_twin"] = compare("W4A16 integer zero (fp32 twin)", logits, refs, windows)
+        exact = directory.with_name(directory.name + "-float-zero")  # optpass's int4 as it is (not a vLLM scheme)
+        optpass.save(model, exact, format="compressed-tensors", tokenizer=tokenizer, int4="float-zero")
+        fz_state = json.loads((exact / "optpass_state.json").read_text())["export"]
+        out["float_zero"] = {**transformers_agreement(exact, refs, windows, tmp),
+                             "weight_error": fz_state["weight_error"], "vllm_schemes": fz_state["vllm_schemes"],
+                             "bytes": sum(f.stat().st_size for f in exact.iterdir())}
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import subprocess
 from pathlib import Path
 import sys
@@ -35,6 +37,15 @@ def test_help_lists_commands_in_a_subprocess():
         assert name in out.stdout
     sub = subprocess.run([*_optpass(), "run", "--help"], capture_output=True, text=True, timeout=120)
     assert sub.returncode == 0 and "--max-new-tokens" in sub.stdout
+
+
+def test_optimize_help_names_every_built_in_model():
+    from optpass.cli import build_parser
+    from optpass.models import BUILTIN_MODELS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["optimize"]
+    model_help = next(a.help for a in sub._actions if a.dest == "model")
+    assert all(name in model_help for name in BUILTIN_MODELS), model_help
 
 
 def test_unknown_model_name_is_a_usage_error(capsys):

@@ -10,7 +10,7 @@ from optpass.cli import command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="built-in name (smollm2), a Hugging Face causal LM directory or a .gguf file")
+    p.add_argument("model", help="built-in name (smollm2, gemma3-270m), a Hugging Face causal LM directory or a .gguf file")
     p.add_argument("--target", default="cpu")
     p.add_argument("--passes", default="auto", help="'auto' or a comma-separated list of pass names")
     p.add_argument("--quality-budget", default=None, help="e.g. 'ppl:2%%'")

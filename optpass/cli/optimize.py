@@ -11,7 +11,7 @@ from optpass.cli import command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="built-in name (smollm2, tiny-dit), a Hugging Face model directory, a .gguf file "
+    p.add_argument("model", help="built-in name (smollm2, gemma3-270m, all-minilm-l6-v2, tiny-dit), a Hugging Face model directory, a .gguf file "
                                  "or an .onnx file")
     p.add_argument("--target", default="cpu", help="cpu, cuda, h100, h200, a100, l4, rtx4090, m2, cpu-desktop")
     p.add_argument("--passes", default="auto", help="'auto' or a comma-separated list of pass names")

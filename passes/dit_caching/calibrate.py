@@ -142,7 +142,7 @@ def calibrate(model: nn.Module, stack_path: str, sample: SampleFn, budget: Quali
         return ok
 
     for chain in track(chains, "calibrating dit_cache", total=len(chains)):
-        _most_aggressive_passing(chain, score)
+        most_aggressive_passing(chain, score)
     result = CalibrationResult(None, trials=trials, best_per_policy=_best_per_policy(trials))
     passing = sorted((t for t in trials if t.within_budget), key=lambda t: (t.computed_fraction, -t.metrics["psnr"]))
     passing = [t for t in passing if t.computed_fraction < 0.999]
@@ -170,7 +170,7 @@ def calibrate(model: nn.Module, stack_path: str, sample: SampleFn, budget: Quali
     return result
 
 
-def _most_aggressive_passing(chain: list[Setting], score: Callable[[Setting], bool]) -> int:
+def most_aggressive_passing(chain: list[Setting], score: Callable[[Setting], bool]) -> int:
     """Binary search over a chain ordered by aggressiveness (quality falls as the threshold grows, so
     passing is a prefix): about log2(len) sampling runs instead of len. Returns the last passing index or -1."""
     lo, hi, best = 0, len(chain) - 1, -1
@@ -191,4 +191,5 @@ def _best_per_policy(trials: list[Trial]) -> dict[str, dict[str, Any]]:
     return {name: {**t.to_dict(), "setting": t.setting.to_dict()} for name, t in best.items()}
 
 
-__all__ = ["CalibrationResult", "Setting", "Trial", "calibrate", "cache_controller", "search_space"]
+__all__ = ["CalibrationResult", "Setting", "Trial", "calibrate", "cache_controller", "most_aggressive_passing",
+           "search_space"]

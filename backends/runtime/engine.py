@@ -229,6 +229,7 @@ class DecodeEngine:
             if done():
                 break
             remaining = new - (out.shape[1] - prompt)
+            t0 = time.perf_counter()  # the gate weighs whole iterations: proposing, verifying, rolling back
             draft = proposer.propose(out, k) if gate is not None and remaining > 1 and gate.want() else None
             width = 1 if draft is None else k + 1
             # contiguous: the compiled step assumes its inputs' strides (guards are skipped)
@@ -236,7 +237,6 @@ class DecodeEngine:
             if step_mask is not None:
                 step_mask[:, cached:cached + width] = 1
             stage = self._skip_stage(int(valid.min())) if self.skip else 0
-            t0 = time.perf_counter()
             saved = snapshot(self.cache) if draft is not None and self.kv_settings is not None else None
             with row_exact() if draft is not None else contextlib.nullcontext():
                 logits, argmax = step_for(width, stage)(inputs, valid + torch.arange(width), step_mask)
@@ -256,9 +256,9 @@ class DecodeEngine:
                 width = kept
                 verifies, accepted = verifies + 1, accepted + kept - 1
             if gate is not None:
+                proposer.observe(inputs[:, :width], logits[:, :width])
                 seconds = time.perf_counter() - t0
                 gate.record_plain(seconds) if draft is None else gate.record_verify(seconds, width)
-                proposer.observe(inputs[:, :width], logits[:, :width])
             cached += width
             valid += width
         if self.skip:

@@ -39,19 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import RESULTS, machine_info  # noqa: E402
+from tests.export_helpers import TRANSFORMERS_LOGITS  # noqa: E402
 
 OUT = RESULTS / "export_smollm2.json"
-TRANSFORMERS_LOGITS = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-with torch.no_grad():
-    out = torch.stack([model(input_ids=w[None]).logits[0] for w in torch.load(sys.argv[2])])
-assert "optpass" not in sys.modules
-torch.save(out, sys.argv[3])
-"""
-
-
 def nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean next-token negative log-likelihood of `logits` [S, V] on `ids` [S]."""
     return float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]))

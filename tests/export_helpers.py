@@ -10,6 +10,17 @@ from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+# run by stock transformers in a subprocess: argv = model dir, token windows (.pt), output logits (.pt)
+TRANSFORMERS_LOGITS = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+with torch.no_grad():
+    out = torch.stack([model(input_ids=w[None]).logits[0] for w in torch.load(sys.argv[2])])
+assert "optpass" not in sys.modules
+torch.save(out, sys.argv[3])
+"""
+
 
 def sharp_tiny_llama(sharpen: float = 6.0, vocab: int = 256) -> nn.Module:
     """tiny_llama with q / k weights scaled up, so attention depends on positions and a wrong rotary row order

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import optpass
-from tests.export_helpers import quantize_as
+from tests.export_helpers import TRANSFORMERS_LOGITS as LOGITS, quantize_as
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.slow
@@ -93,17 +93,6 @@ def test_fp32_gguf_in_llama_cpp_gives_transformers_logits(smollm2, tmp_path):
     with torch.no_grad():
         ours = model(input_ids=ids[None]).logits[0]
     assert float((theirs - ours).abs().max()) < 1e-3
-
-
-LOGITS = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-with torch.no_grad():
-    out = torch.stack([model(input_ids=w[None]).logits[0] for w in torch.load(sys.argv[2])])
-assert "optpass" not in sys.modules
-torch.save(out, sys.argv[3])
-"""
 
 
 def test_transformers_on_the_compressed_tensors_export_agrees_with_optpass(smol_int4, tmp_path):

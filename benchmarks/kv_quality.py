@@ -28,7 +28,7 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import machine_info  # noqa: E402
 from optpass.backends.kv import CompressedKVCache, KVSettings, enable_compressed_attention  # noqa: E402
-from optpass.corpus import passkey_prompt, token_windows  # noqa: E402
+from optpass.corpus import PASSKEY_QUESTION, passkey_prompt, token_windows  # noqa: E402
 from optpass.hf_compat import layer_kinds, with_cache  # noqa: E402
 from optpass.models import cache_dir, load_gemma3_270m, load_smollm2  # noqa: E402
 from optpass.progress import track  # noqa: E402
@@ -67,6 +67,16 @@ def greedy_from(model: torch.nn.Module, cache: Any, first: torch.Tensor, start: 
     return tokens
 
 
+def question_tokens(tok: Any, ids: list[int]) -> int:
+    """How many trailing prompt tokens carry the question: the part kvpress's pipeline feeds uncompressed after it
+    compresses the context. The smallest tail that decodes to the whole question (its first token may also
+    carry a few characters of the haystack)."""
+    for k in range(1, len(ids)):
+        if PASSKEY_QUESTION.strip() in tok.decode(ids[-k:]):
+            return k
+    raise ValueError("passkey prompt does not end with the question")
+
+
 def full_cache(recorded: CompressedKVCache, config: Any) -> DynamicCache:
     cache = DynamicCache(config=config)  # transformers' own: sliding layers keep their window
     for i, layer in enumerate(recorded.layers):
@@ -83,7 +93,8 @@ def passkey(model: Any, tok: Any, contexts: list[int], depths: list[float], keep
     for ctx, depth in track(cases, "passkey"):
         key = 10000 + (ctx * 31 + int(depth * 1000) * 7919) % 89999
         ids, answer = passkey_prompt(tok, ctx, depth, key, seed=int(depth * 10))
-        prompts.append({"context": ctx, "depth": depth, "ids": ids[0].tolist(), "answer": answer})
+        prompts.append({"context": ctx, "depth": depth, "ids": ids[0].tolist(), "answer": answer,
+                        "question_tokens": question_tokens(tok, ids[0].tolist())})
         recorded = CompressedKVCache.recording(config)
         first = model(input_ids=ids, **with_cache(model, recorded), use_cache=True).logits[0, -1].argmax()
         s = ids.shape[1]
@@ -148,7 +159,10 @@ def markdown(result: dict) -> str:
     lines = [f"# {result['scenario']}", "", f"`{result['command']}` | {result['date']} | {result['machine']['cpu']}", "",
              f"Passkey accuracy ({len(result['depths'])} depths per context) and continuation quality "
              f"({result['windows']} x {result['window']}-token windows, last 64 tokens scored); int8 KV; "
-             "peer = kvpress on the same prompts (its presses compress the prompt once, then the cache grows).", "",
+             "peer = kvpress through its own `kv-press-text-generation` pipeline on the same token ids, as its "
+             "documentation uses it: the press compresses the context, the question is fed uncompressed, then greedy "
+             "decoding grows the cache; optpass compresses the whole prompt, question included. `full` in the kvpress "
+             "columns is the pipeline with no press.", "",
              "| arm | " + " | ".join(f"passkey {c}" for c in contexts) + " | KL | top-1 | ppl (full) | "
              + " | ".join(f"kvpress passkey {c}" for c in contexts) + " | kvpress KL | kvpress ppl |",
              "|---" * (2 * len(contexts) + 7) + "|"]
@@ -164,6 +178,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if isinstance(peer, dict) and peer.get("error"):
         lines += ["", f"kvpress did not run: {peer['error']}"]
+    elif peer:
+        lines += ["", f"peer virtualenv: kvpress {peer.get('kvpress')}, transformers {peer.get('transformers')}."]
     return "\n".join(lines) + "\n"
 
 

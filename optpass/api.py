@@ -184,7 +184,7 @@ def optimize(
     report.quality_final = applied[-1].quality if applied else dict(guard.evaluate(optimized))
 
     next(stages)
-    _measure(report, model, optimized, example, graph, spec)
+    _measure(report, model, optimized, example, graph, spec, {p.name for p in pass_list if not p.changes_forward})
     report.seconds = time.perf_counter() - start
     model.train(was_training)
     optimized.optpass_report = report
@@ -196,14 +196,21 @@ def optimize(
 
 
 def _measure(report: OptimizationReport, baseline: nn.Module, optimized: nn.Module, batch: Batch, graph: Any,
-             spec: Any) -> None:
-    """Predicted vs measured latency at the graph's estimate shape (interleaved medians) and weight memory."""
+             spec: Any, loop_passes: set[str]) -> None:
+    """Predicted vs measured latency at the graph's estimate shape (interleaved medians) and weight memory.
+    The forward's predicted gain is the sum of the kept candidates' gains (each is the time saved at its own
+    sites, a fraction of the whole forward); passes in `loop_passes` change how many forwards generation runs,
+    not one forward, so they are left out of it and named in a note."""
     b, s, ctx = graph.estimate_shape
     if graph.model_kind == "causal_lm":
         batch = Batch(kwargs={"input_ids": torch.zeros(b, s, dtype=torch.long), "use_cache": False})
     predicted_base = predict_forward(graph, spec, b, s, ctx)
     kept = [c for c in report.candidates if c.chosen]  # after _mark_not_kept: alternatives dropped
-    gain = sum(c.predicted_gain or 0.0 for c in kept)
+    gain = sum(c.predicted_gain or 0.0 for c in kept if c.pass_name not in loop_passes)
+    for c in kept:
+        if c.pass_name in loop_passes and c.predicted_gain is not None:
+            report.notes.append(f"{c.pass_name} ({c.label}): predicted {c.predicted_gain:+.1%} on generation, not "
+                                "in the one-forward latency line (it changes the decode loop, not the forward)")
     times = interleaved_times({"baseline": no_grad(lambda: batch.run(baseline)),
                                "optimized": no_grad(lambda: batch.run(optimized))}, rounds=7)
     from optpass.cost_models.calibration_checks import busy

@@ -49,13 +49,17 @@ PASSKEY_PREAMBLE = (
 )
 
 
+# the question that ends every passkey prompt; KV peers that compress only the context split it off here
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
 def passkey_prompt(tokenizer: Any, context_tokens: int, depth: float, key: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """A haystack of corpus text of about `context_tokens` tokens with the pass key hidden at `depth`
     (0 = start, 1 = end), in the standard passkey format (Mohtashami & Jaggi, 2023), followed by the
     question. Returns (input ids [1, n], expected answer)."""
     rng = random.Random(seed)
     needle = f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
-    question = "\n\nWhat is the pass key? The pass key is"
+    question = PASSKEY_QUESTION
     budget = context_tokens - len(tokenizer(PASSKEY_PREAMBLE + needle + question).input_ids)
     text = corpus_text()
     start = rng.randrange(0, len(text) // 2)

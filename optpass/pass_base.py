@@ -146,6 +146,9 @@ class Pass(ABC):
     runs_after: ClassVar[tuple[str, ...]] = ()  # ordering only: if both are planned, run after these
     conflicts: ClassVar[tuple[str, ...]] = ()  # passes that must not be in the same plan
     needs_calibration: ClassVar[bool] = False
+    # False for a pass that changes the generation loop (how many forwards a token costs), not what one forward
+    # computes: its predicted gain is not part of the report's one-forward latency prediction
+    changes_forward: ClassVar[bool] = True
 
     def __init__(self, config: PassConfig | None = None) -> None:
         if config is None:

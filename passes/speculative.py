@@ -57,6 +57,7 @@ def verify_cost(graph: ModelGraph, target: HardwareSpec, draft: int, context: in
 @register_pass
 class SpeculativePass(Pass):
     name = "speculative"
+    changes_forward = False
     config_cls = SpeculativeConfig
     runs_after = ("quantize", "kv_cache")
     needs_calibration = True

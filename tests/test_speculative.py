@@ -211,11 +211,14 @@ def test_drafting_with_a_compressed_cache_is_token_for_token_plain_decoding_on_i
     assert verifies > 0 and 0 < accepted < 4 * verifies  # drafts accepted, and rejected ones rolled back
 
 
-def test_a_verify_step_computes_each_position_bit_for_bit_as_a_one_token_step():
-    """With `row_exact` each of the k + 1 positions attends alone, so its logits equal a one-token step's exactly
-    (not just closely): greedy speculation then cannot flip a near-tie that plain decoding would not."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["decode-kernel", "per-query-fallback"])
+def test_a_verify_step_computes_each_position_bit_for_bit_as_a_one_token_step(kernel, monkeypatch):
+    """Under `decode_steps` each of the k + 1 positions is computed as a one-token step would be (the decode
+    kernel's rows are independent; without it, each query attends alone), so its logits equal a one-token step's
+    exactly (not just closely): greedy speculation then cannot flip a near-tie that plain decoding would not."""
+    from optpass.backends.cpu import decode_attention, gemv_ops
     from optpass.backends.kv import enable_compressed_attention
-    from optpass.backends.kv.attention import row_exact
+    from optpass.backends.kv.attention import decode_steps
     from optpass.backends.kv.cache import static_cache
     from optpass.hf_compat import with_cache
 
@@ -226,6 +229,12 @@ def test_a_verify_step_computes_each_position_bit_for_bit_as_a_one_token_step():
     model = optpass.optimize(tiny_llama(layers=3, hidden=128), passes=[QuantizeConfig(weights="int8", lm_head="int8")],
                              quality_budget=None)
     enable_compressed_attention(model)
+    if kernel and not gemv_ops.available():
+        pytest.skip("optpass C++ kernels not built here")
+    calls = []
+    real = decode_attention.attend
+    monkeypatch.setattr(decode_attention, "attend",
+                        lambda *a, **k: calls.append(a[0].shape[2]) or (real(*a, **k) if kernel else None))
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
     prompt, tail = ids[:, :24], ids[:, 24:]
 
@@ -239,7 +248,7 @@ def test_a_verify_step_computes_each_position_bit_for_bit_as_a_one_token_step():
             for chunk in chunks:
                 mask[:, seen:seen + chunk.shape[1]] = 1
                 positions = torch.arange(seen, seen + chunk.shape[1])[None]
-                with row_exact():
+                with decode_steps():
                     out.append(model(input_ids=chunk, **with_cache(model, cache), attention_mask=mask,
                                      position_ids=positions, use_cache=True).logits)
                 seen += chunk.shape[1]
@@ -248,3 +257,4 @@ def test_a_verify_step_computes_each_position_bit_for_bit_as_a_one_token_step():
     one_at_a_time = run(list(tail.split(1, dim=1)))
     verified = run([tail])
     assert torch.equal(verified, one_at_a_time)
+    assert sorted(set(calls)) == [1, 6]  # both kinds of step went through the kernel's entry point

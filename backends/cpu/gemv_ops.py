@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 MAX_ROWS = 8
-_SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+# every kernel of the library: the GEMVs here and the decode attention (`decode_attention.py`)
+_SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp"))
 
 
 _AVAILABLE: bool | None = None  # a plain global, not lru_cache: compiled steps read it (dynamo cannot trace the cache)
@@ -42,7 +43,7 @@ def _build() -> bool:
         from optpass.progress import status
 
         with status("loading optpass CPU GEMV kernels (built on first use, ~30 s)"):
-            load("optpass_gemv", [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            load("optpass_gemv", _SOURCES, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler / ninja: fall back to the aten kernels
         warnings.warn(f"optpass: CPU GEMV kernels unavailable ({type(e).__name__}: {e}); using aten kernels")
@@ -52,6 +53,10 @@ def _build() -> bool:
 
 
 def _register_fakes() -> None:
+    from optpass.backends.cpu.decode_attention import register_fake
+
+    register_fake()
+
     @torch.library.register_fake("optpass::gemv_int8")
     def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], q.shape[0]), dtype=torch.float32)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optpass.backends.cpu import decode_attention
 from optpass.backends.kv.band import banded, local_window
 from optpass.backends.sparse.attend import sparse_prefill
 from optpass.errors import UnsupportedModelError
@@ -101,8 +102,12 @@ def _attention_for(inner: str) -> Callable:
                 if sparse is not None:  # a long prefill of a layer the sparse_attention pass planned
                     return sparse, None
             fn = _inner(inner, module)
-            if _row_exact and query.shape[2] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 4:
-                return _per_query(fn, module, query, key, value, mask, scaling, dropout, kwargs)
+            if _decode_steps:
+                out = decode_attention.attend(query, key, value, mask, scale, kwargs.get("softcap"))
+                if out is not None:
+                    return out, None
+                if query.shape[2] > 1 and isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                    return _per_query(fn, module, query, key, value, mask, scaling, dropout, kwargs)
             return fn(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
         if layer is None:
@@ -115,20 +120,23 @@ def _attention_for(inner: str) -> Callable:
     return attention
 
 
-_row_exact = False  # set while a speculative verify step runs (see `row_exact`)
+_decode_steps = False  # set while the decode runtime runs its steps (see `decode_steps`)
 
 
 @contextmanager
-def row_exact() -> Iterator[None]:
-    """Attend one query at a time, so each of a verify step's k + 1 positions is computed with exactly the
-    shapes (and so exactly the kernel and summation order) of a one-token decode step: greedy speculative
-    decoding then reproduces plain decoding bit for bit, not only up to floating-point near-ties."""
-    global _row_exact
-    previous, _row_exact = _row_exact, True
+def decode_steps() -> Iterator[None]:
+    """The decode runtime's steps (one token, or a verify step's k + 1) attend through optpass's decode kernel
+    (`backends/cpu/decode_attention.py`: each KV row read once for all grouped heads, hidden slots skipped), whose
+    rows are computed identically whatever their number; where it does not apply, a verify step attends one
+    query at a time. Either way each of a verify step's rows is bit-identical to a one-token step at that
+    position, so greedy speculative decoding reproduces plain decoding exactly, not only up to near-ties.
+    Read when a step is traced: the compiled steps keep the choice."""
+    global _decode_steps
+    previous, _decode_steps = _decode_steps, True
     try:
         yield
     finally:
-        _row_exact = previous
+        _decode_steps = previous
 
 
 def _per_query(fn: Callable, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

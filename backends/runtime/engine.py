@@ -25,7 +25,6 @@ and version counter) when it compiles and recompiles if they changed: it never d
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 import types
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optpass.backends.kv.attention import row_exact
+from optpass.backends.kv.attention import decode_steps
 from optpass.backends.runtime.gate import DraftGate
 from optpass.backends.runtime.plan import DecodePlan
 from optpass.backends.runtime.proposers import Proposer, make_proposer
@@ -110,13 +109,15 @@ class DecodeEngine:
 
     def _new_cache(self, batch: int, prompt: int, needed: int, slack: int) -> tuple[tuple, Callable[[], Any], int | None]:
         """(bucket key, cache factory, the length of the static attention mask steps pass, or None)."""
+        from optpass.backends.cpu import gemv_ops
         from optpass.backends.kv import enable_compressed_attention
         from optpass.backends.kv.cache import CompressedKVCache, has_sliding_layers, static_cache
         from optpass.hf_compat import local_layers
 
         config = self.model.config
-        # optpass's cache layers attend through optpass; so do verify steps (one query at a time, `row_exact`)
-        if self.kv_settings is not None or has_sliding_layers(config) or slack:
+        # optpass's cache layers attend through optpass; so do the steps, with optpass's decode kernel where it
+        # is built (`decode_steps`), and verify steps in any case (row-exact)
+        if self.kv_settings is not None or has_sliding_layers(config) or slack or gemv_ops.available():
             enable_compressed_attention(self.model)
         if self.kv_settings is not None:
             context = -(-prompt // KV_CONTEXT_BUCKET) * KV_CONTEXT_BUCKET
@@ -238,7 +239,7 @@ class DecodeEngine:
                 step_mask[:, cached:cached + width] = 1
             stage = self._skip_stage(int(valid.min())) if self.skip else 0
             saved = snapshot(self.cache) if draft is not None and self.kv_settings is not None else None
-            with row_exact() if draft is not None else contextlib.nullcontext():
+            with decode_steps():
                 logits, argmax = step_for(width, stage)(inputs, valid + torch.arange(width), step_mask)
             if draft is None:
                 pending = choice.next(out, logits[:, -1], argmax[:, -1])[:, None]
@@ -249,7 +250,7 @@ class DecodeEngine:
                     rollback(self.cache, width - kept)
                 elif kept < width:
                     restore(self.cache, saved)
-                    with row_exact():
+                    with decode_steps():
                         step_for(kept, stage)(inputs[:, :kept].contiguous(), valid + torch.arange(kept), step_mask)
                 if step_mask is not None:
                     step_mask[:, cached + kept:cached + width] = 0

@@ -1,0 +1,174 @@
+// Decode attention over a static KV cache: a few query rows (one decode step, or the k + 1 rows of a speculative
+// verify step) against [B, Hkv, L, D] keys and values, with grouped-query heads and a boolean mask.
+//
+// Why not SDPA: with a mask and grouped heads, transformers' SDPA path repeats K and V per query head inside a
+// compiled step (a 3x copy of the whole cache, every layer, every step), and it reads every slot of the static
+// cache, valid or not. Here each key and value row is read once per KV head for all its query heads and query
+// rows, and slots the mask hides are never read.
+//
+// Why row-exact: every query row is computed by the same loops in the same order, whatever the number of rows,
+// the thread count or the other rows: a verify step's row i is bit-identical to a one-token step at that
+// position, so greedy speculative decoding reproduces plain decoding exactly.
+//
+// Keys are split into fixed chunks of kChunk slots (flash-decoding); each (batch, KV head, chunk) task keeps a
+// running max / sum / weighted value per row, and the chunks are combined in chunk order.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 256;
+constexpr int kLanes = 16;
+
+// sum_d a[d] * b[d] with kLanes independent partial sums, added in a fixed order
+inline float dot(const float* a, const float* b, int64_t D) {
+  float part[kLanes] = {0.f};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += a[d + l] * b[d + l];
+  float acc = 0.f;
+  for (int l = 0; l < kLanes; ++l) acc += part[l];
+  for (; d < D; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+// exp(x) for x <= 0 (arguments are score - running max), branch-free so the loop over slots vectorizes:
+// 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial (relative error ~2e-7); exp(-inf) = 0
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = std::nearbyint(x * 1.44269504f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.3888889e-3f;
+  p = p * r + 8.3333337e-3f;
+  p = p * r + 4.1666668e-2f;
+  p = p * r + 1.6666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+}  // namespace
+
+// q [B, Hq, Q, D], k / v [B, Hkv, L, D] (last dim contiguous), mask bool [B, 1 or Hq, Q, L] (broadcast strides
+// allowed; true = attend). Returns [B, Q, Hq, D], the layout transformers' attention functions return.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& mask, double scale, double softcap) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "decode_attention: 4-d inputs");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "decode_attention: float32 q, k, v");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "decode_attention: a boolean mask");
+  const auto qc = q.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == L && k.size(3) == D &&
+                  v.size(3) == D && Hq % Hkv == 0,
+              "decode_attention: shapes do not match");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k / v need a contiguous last dim");
+  TORCH_CHECK(mask.size(0) == B && (mask.size(1) == 1 || mask.size(1) == Hq) && mask.size(2) == Q &&
+                  mask.size(3) == L,
+              "decode_attention: mask must be [B, 1 or Hq, Q, L]");
+  const int64_t G = Hq / Hkv, R = G * Q;  // query rows per KV head
+  const int64_t chunks = (L + kChunk - 1) / kChunk;
+  // per (b, kv head, chunk, row): running max, sum of weights, weighted values [D]
+  auto partial = torch::empty({B, Hkv, chunks, R, D + 2}, q.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* pp = partial.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const int64_t ms0 = mask.stride(0), ms1 = mask.size(1) == 1 ? 0 : mask.stride(1), ms2 = mask.stride(2),
+                ms3 = mask.stride(3);
+  const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(kChunk), p(kChunk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % chunks, h = (task / chunks) % Hkv, b = task / (chunks * Hkv);
+      const int64_t j0 = c * kChunk, n = std::min(kChunk, L - j0);
+      const float* kb = kp + b * ks0 + h * ks1 + j0 * ks2;
+      const float* vb = vp + b * vs0 + h * vs1 + j0 * vs2;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t g = r / Q, i = r % Q, hq = h * G + g;
+        const float* qr = qp + ((b * Hq + hq) * Q + i) * D;
+        const bool* mr = mp + b * ms0 + hq * ms1 + i * ms2 + j0 * ms3;
+        float* out = pp + (((b * Hkv + h) * chunks + c) * R + r) * (D + 2);
+        float m = neg_inf;
+        for (int64_t j = 0; j < n; ++j) {
+          if (!mr[j * ms3]) {
+            s[j] = neg_inf;
+            continue;
+          }
+          float x = dot(qr, kb + j * ks2, D) * sc;
+          if (cap > 0.f) x = cap * std::tanh(x / cap);
+          s[j] = x;
+          m = x > m ? x : m;
+        }
+        float* acc = out + 2;
+        for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+        if (m == neg_inf) {  // every slot of this chunk hidden from this row
+          out[0] = neg_inf;
+          out[1] = 0.f;
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) p[j] = s[j] == neg_inf ? 0.f : exp_nonpositive(s[j] - m);
+        float l = 0.f;
+        for (int64_t j = 0; j < n; ++j) {
+          if (p[j] == 0.f) continue;
+          l += p[j];
+          const float* vr = vb + j * vs2;
+          const float w = p[j];
+          for (int64_t d = 0; d < D; ++d) acc[d] += w * vr[d];
+        }
+        out[0] = m;
+        out[1] = l;
+      }
+    }
+  });
+
+  auto result = torch::empty({B, Q, Hq, D}, q.options());
+  float* op = result.data_ptr<float>();
+  at::parallel_for(0, B * Hkv * R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t % R, h = (t / R) % Hkv, b = t / (R * Hkv);
+      const int64_t g = r / Q, i = r % Q, hq = h * G + g;
+      float m = neg_inf;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float mc = pp[(((b * Hkv + h) * chunks + c) * R + r) * (D + 2)];
+        m = mc > m ? mc : m;
+      }
+      float* o = op + ((b * Q + i) * Hq + hq) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+      if (m == neg_inf) continue;  // a row that may attend nowhere (a padding row): zeros, as SDPA's callers mask
+      float l = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* part = pp + (((b * Hkv + h) * chunks + c) * R + r) * (D + 2);
+        if (part[1] == 0.f) continue;
+        const float w = exp_nonpositive(part[0] - m);
+        l += w * part[1];
+        for (int64_t d = 0; d < D; ++d) o[d] += w * part[2 + d];
+      }
+      const float inv = 1.f / l;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  });
+  return result;
+}
+
+TORCH_LIBRARY_FRAGMENT(optpass, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, float softcap) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(optpass, CPU, m) { m.impl("decode_attention", &decode_attention); }

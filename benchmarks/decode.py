@@ -1,7 +1,7 @@
-"""Batch-1 greedy decode (64-token prompt, 128 new tokens) and 512-token prefill of a built-in LLM (SmolLM2-135M
-or Gemma-3 270M): optpass `auto` / int8 / grouped int8 / int4 against HF fp32 eager, HF fp32 compiled, torchao
-int8 / int4 compiled and llama.cpp on the GGUF the model ships as (SmolLM2 Q4_1, Gemma-3 Q4_K_M), all in one
-process, interleaved rounds, medians. llama.cpp runs with `logits_all=False` (its default: only the last
+"""Batch-1 greedy decode (64-token prompt, 128 new tokens) and 512-token prefill of a built-in LLM (SmolLM2-135M or
+Gemma-3 270M): optpass `auto` / int8 / int8 W8A8 / grouped int8 / int4 against HF fp32 eager, HF fp32 compiled,
+torchao int8 / int4 compiled and llama.cpp on the GGUF the model ships as (SmolLM2 Q4_1, Gemma-3 Q4_K_M), all in
+one process, interleaved rounds, medians. llama.cpp runs with `logits_all=False` (its default: only the last
 position's logits, as generation needs); quality scoring uses a second instance with all logits. Quality:
 perplexity on pydoc_data.topics (512-token windows), KL to fp32 logits, greedy-token agreement with fp32.
 Roofline: weight bytes per token / triad bandwidth (same run).
@@ -171,6 +171,10 @@ def build_variants(model: Any, tok: Any, only: set[str] | None, gguf: Path) -> l
          "the default quality budget choose"),
         ("optpass-int8", lambda: optpass_variant(QuantizeConfig(weights="int8", lm_head="int8"), FIXED_BUDGET),
          f"int8 weights + int8 head, fp32 act GEMV, compiled static decode (budget {FIXED_BUDGET})"),
+        ("optpass-int8-w8a8", lambda: optpass_variant(QuantizeConfig(weights="int8", lm_head="int8", w8a8=True),
+                                                      FIXED_BUDGET),
+         f"int8 weights + int8 head, W8A8 (int8 activations, torch._int_mm) above the cost model's row crossover: "
+         f"prefill and the perplexity windows, not the 1-row decode steps (budget {FIXED_BUDGET})"),
         ("optpass-int8g", lambda: optpass_variant(QuantizeConfig(weights="int8_grouped", lm_head="int8")),
          "int8 g32 blocks (GGUF blocks re-pack exactly) + int8 head, compiled static decode"),
         ("optpass-int4", lambda: optpass_variant(QuantizeConfig(weights="int4", lm_head="int8"), FIXED_BUDGET),

@@ -1,0 +1,64 @@
+"""Where a drafted call's time goes, part by part (grounded prompt, batch 1, SmolLM2 int8): the compiled plain and
+verify steps by width, and the cache rollback, each timed per call; prefill / decode from the engine's own split.
+A diagnostic, not a benchmark: one call per arm after a warm-up.
+
+    python benchmarks/speculative_parts.py
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import optpass.backends.kv.cache as kv_cache  # noqa: E402
+from benchmarks.speculative import int8_model, prompts, runtime_call  # noqa: E402
+
+TIMES: dict[str, list[float]] = collections.defaultdict(list)
+
+
+def timed(name: str, fn: Callable) -> Callable:
+    def wrap(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        TIMES[name].append(time.perf_counter() - start)
+        return out
+
+    return wrap
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    model, tok = int8_model()
+    engine = model.optpass_runtime.engine
+    select = engine._select
+
+    def timed_select(*args: Any, **kwargs: Any) -> Any:
+        step_for, mask_length = select(*args, **kwargs)
+        return (lambda width, stage=0: timed(f"step width {width}", step_for(width, stage))), mask_length
+
+    engine._select = timed_select
+    kv_cache.rollback = timed("rollback", kv_cache.rollback)  # the engine imports it per call
+    rows = prompts(tok, "grounded", 2)
+    for kind in (None, "prompt_lookup"):
+        call = runtime_call(model, kind)
+        call(rows[0], None)  # warm-up (compiles on a cold cache)
+        for _ in range(2):
+            TIMES.clear()
+            call(rows[1], None)
+            t = engine.last_timing
+            print(f"\n{kind or 'no drafter'}: prefill {t['prefill_s'] * 1e3:.0f} ms, decode {t['decode_s'] * 1e3:.0f} ms, "
+                  f"verifies {t['verify_steps']}, accepted drafts {t['accepted_drafts']}")
+            for name, values in sorted(TIMES.items()):
+                values = sorted(values)
+                print(f"  {name}: n={len(values)} median {values[len(values) // 2] * 1e3:.2f} ms, "
+                      f"sum {sum(values) * 1e3:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
-"""Where a drafted call's time goes, part by part (grounded prompt, batch 1, SmolLM2 int8): the compiled plain and
-verify steps by width, and the cache rollback, each timed per call; prefill / decode from the engine's own split.
-A diagnostic, not a benchmark: one call per arm after a warm-up.
+"""Where a drafted call's time goes, part by part (grounded prompt, batch 1, SmolLM2 int8): the compiled plain
+and verify steps by width, and the cache rollback, each timed per call; prefill / decode from the engine's own
+split. A diagnostic, not a benchmark: one call per arm after a warm-up.
 
     python benchmarks/speculative_parts.py
 """
@@ -10,13 +10,15 @@ from __future__ import annotations
 import collections
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import optpass.backends.kv.cache as kv_cache  # noqa: E402
+
 from benchmarks.speculative import int8_model, prompts, runtime_call  # noqa: E402
 
 TIMES: dict[str, list[float]] = collections.defaultdict(list)
@@ -52,8 +54,9 @@ def main() -> None:
             TIMES.clear()
             call(rows[1], None)
             t = engine.last_timing
-            print(f"\n{kind or 'no drafter'}: prefill {t['prefill_s'] * 1e3:.0f} ms, decode {t['decode_s'] * 1e3:.0f} ms, "
-                  f"verifies {t['verify_steps']}, accepted drafts {t['accepted_drafts']}")
+            print(f"\n{kind or 'no drafter'}: prefill {t['prefill_s'] * 1e3:.0f} ms, "
+                  f"decode {t['decode_s'] * 1e3:.0f} ms, verifies {t['verify_steps']}, "
+                  f"accepted drafts {t['accepted_drafts']}")
             for name, values in sorted(TIMES.items()):
                 values = sorted(values)
                 print(f"  {name}: n={len(values)} median {values[len(values) // 2] * 1e3:.2f} ms, "

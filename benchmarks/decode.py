@@ -91,11 +91,16 @@ class LlamaCppRunner:
     def generate(self, ids: torch.Tensor, new: int) -> torch.Tensor:
         import numpy as np
 
+        import llama_cpp
+
         self.llm.reset()
         self.llm.eval(ids[0].tolist())
         out = []
         for i in range(new):
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            # with logits_all=False, `Llama.eval` keeps no scores (llama-cpp-python >= 0.3.2x): read the last
+            # position's logits from the context, as llama.cpp's own samplers do
+            last = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+            tok = int(np.argmax(np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),))))
             out.append(tok)
             if i + 1 < new:
                 self.llm.eval([tok])

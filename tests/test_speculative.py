@@ -258,3 +258,36 @@ def test_a_verify_step_computes_each_position_bit_for_bit_as_a_one_token_step(ke
     verified = run([tail])
     assert torch.equal(verified, one_at_a_time)
     assert sorted(set(calls)) == [1, 6]  # both kinds of step went through the kernel's entry point
+
+
+def _drive(gate, steps: int, emitted: int, plain_s: float = 1.0, verify_s: float = 2.0) -> list[bool]:
+    """Run `gate` for `steps` loop iterations where a verify emits `emitted` tokens; the decisions taken."""
+    wants = []
+    for _ in range(steps):
+        want = gate.want()
+        wants.append(want)
+        gate.record_verify(verify_s, emitted) if want else gate.record_plain(plain_s)
+    return wants
+
+
+def test_gate_turns_drafting_off_where_it_does_not_pay_and_backs_off_its_probes():
+    from optpass.backends.runtime.gate import DraftGate
+
+    gate = DraftGate(ratio=1.5, probe=8, max_probe=64)
+    wants = _drive(gate, 200, emitted=1)  # a verify costs 2 steps and yields 1 token: never pays
+    assert wants[:2] == [True, True]  # the first drafts are tried
+    probes = [i for i, w in enumerate(wants) if w][2:]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps[:3] == [16, 32, 64] and set(gaps[3:]) <= {64}  # each probe that does not pay doubles the wait
+    assert sum(wants) / len(wants) < 0.05
+
+
+def test_gate_keeps_drafting_while_it_pays_and_resumes_when_acceptance_returns():
+    from optpass.backends.runtime.gate import DraftGate
+
+    gate = DraftGate(ratio=1.5)
+    assert all(_drive(gate, 50, emitted=4))  # 4 tokens per verify at 2 steps' cost
+    off = _drive(gate, 40, emitted=1)
+    assert sum(off[15:]) <= 2  # off within ~10 verifies of the drop (an EMA), then only probes
+    on = _drive(gate, 60, emitted=6)  # a stretch that copies its input: the next probe turns it back on
+    assert all(on[-30:])

@@ -1,15 +1,18 @@
 """When to draft: a verify step of k + 1 tokens costs more than a one-token step (`ratio` of their times), so
 drafting pays only while the tokens accepted per verify exceed that ratio. The gate starts from the ratio the
 pass measured on this machine, then follows the times and acceptance it observes in this call; where drafting
-stops paying (open-ended text) it turns drafting off and re-tries one draft every `probe` steps, so a later
-stretch that copies its input turns it back on."""
+stops paying (open-ended text, a batch whose rows rarely all agree) it turns drafting off and re-tries one
+draft after `probe` steps, so a later stretch that copies its input turns it back on. Each probe that does not
+pay doubles the wait for the next (up to `max_probe` steps): a verify step can cost 2x a plain one, and a probe
+every 8 steps of text that never repeats would cost ~10%."""
 
 from __future__ import annotations
 
 
 class DraftGate:
-    def __init__(self, ratio: float, probe: int = 8, decay: float = 0.8) -> None:
-        self.ratio, self.probe, self.decay = ratio, probe, decay
+    def __init__(self, ratio: float, probe: int = 8, decay: float = 0.8, max_probe: int = 128) -> None:
+        self.ratio, self.probe, self.decay, self.max_probe = ratio, probe, decay, max_probe
+        self.interval = probe  # steps until the next probe
         self.plain_s: float | None = None
         self.verify_s: float | None = None
         self.tokens = 1.0 + ratio  # optimistic until measured: the first drafts are tried
@@ -21,10 +24,12 @@ class DraftGate:
 
     def want(self) -> bool:
         if self.verifies < 2 or self.tokens >= self.cost():
+            self.interval = self.probe  # paying: probes return to their base rate once it stops
             return True
         self.since_probe += 1
-        if self.since_probe >= self.probe:
+        if self.since_probe >= self.interval:
             self.since_probe = 0
+            self.interval = min(2 * self.interval, self.max_probe)
             return True
         return False
 

@@ -20,6 +20,9 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -57,6 +60,110 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+
+#if defined(__AVX512F__)
+#define OPTPASS_ATTN_AVX512 1
+// lane t of the result = the sum of v[t]'s 16 lanes, for 16 vectors at once (a transpose-and-add tree: ~45
+// instructions per 16 sums, where one horizontal reduction per dot product cost a 16-add dependency chain)
+inline __m512 sum16(const __m512* v) {
+  __m512 s[8], t[4];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(s[2 * i]), b = _mm512_castps_pd(s[2 * i + 1]);
+    t[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(t[0], t[1], 0x88), _mm512_shuffle_f32x4(t[0], t[1], 0xDD));
+  const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(t[2], t[3], 0x88), _mm512_shuffle_f32x4(t[2], t[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
+}
+
+// exp_nonpositive on 16 lanes (the same polynomial)
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.3888889e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3333337e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1666668e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666667e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// One query row against one chunk of n (<= kChunk) slots, D % 16 == 0: writes the running max, the sum of
+// weights and the weighted values [D] to out. Scores are 16 slots at a time (one vector of partial products
+// per slot, then `sum16`); slots the mask hides are not read; values are accumulated 64 dims at a time in
+// registers. The operation order depends only on D and on which slots are valid, never on the other rows.
+inline void chunk_row_avx512(const float* qr, const float* kb, const float* vb, int64_t ks2, int64_t vs2,
+                             const bool* mr, int64_t ms3, int64_t n, int64_t D, float sc, float cap, float* s,
+                             float* out) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const __m512 ninf = _mm512_set1_ps(neg_inf);
+  __m512 mx = ninf;
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t w = std::min<int64_t>(16, n - j0);
+    __mmask16 valid = 0;
+    for (int64_t t = 0; t < w; ++t) valid |= static_cast<__mmask16>(mr[(j0 + t) * ms3] ? 1u << t : 0u);
+    if (!valid) {
+      _mm512_storeu_ps(s + j0, ninf);
+      continue;
+    }
+    __m512 v[16];
+    for (int t = 0; t < 16; ++t) {
+      v[t] = _mm512_setzero_ps();
+      if (!(valid >> t & 1)) continue;
+      const float* kr = kb + (j0 + t) * ks2;
+      for (int64_t d = 0; d < D; d += 16) v[t] = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), _mm512_loadu_ps(kr + d), v[t]);
+    }
+    __m512 x = _mm512_mul_ps(sum16(v), _mm512_set1_ps(sc));
+    if (cap > 0.f) {
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, x);
+      for (int t = 0; t < 16; ++t) tmp[t] = cap * std::tanh(tmp[t] / cap);
+      x = _mm512_load_ps(tmp);
+    }
+    x = _mm512_mask_blend_ps(valid, ninf, x);
+    _mm512_storeu_ps(s + j0, x);
+    mx = _mm512_max_ps(mx, x);
+  }
+  const float m = _mm512_reduce_max_ps(mx);
+  float* acc = out + 2;
+  if (m == neg_inf) {  // every slot of this chunk hidden from this row
+    out[0] = neg_inf;
+    out[1] = 0.f;
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+    return;
+  }
+  __m512 lsum = _mm512_setzero_ps();
+  const __m512 mv = _mm512_set1_ps(m);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {  // s has room for kChunk slots; lanes past n are never used
+    const __mmask16 live = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j0), ninf, _CMP_NEQ_OQ) &
+                           static_cast<__mmask16>(n - j0 >= 16 ? 0xFFFF : (1u << (n - j0)) - 1);
+    const __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + j0), mv)));
+    _mm512_storeu_ps(s + j0, p);
+    lsum = _mm512_add_ps(lsum, p);
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int64_t blocks = std::min<int64_t>(4, (D - d0) / 16);
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j = 0; j < n; ++j) {
+      if (s[j] == 0.f) continue;  // hidden (or underflowed) slots: never read
+      const __m512 pj = _mm512_set1_ps(s[j]);
+      const float* vr = vb + j * vs2 + d0;
+      for (int64_t i = 0; i < blocks; ++i) a[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * i), a[i]);
+    }
+    for (int64_t i = 0; i < blocks; ++i) _mm512_storeu_ps(acc + d0 + 16 * i, a[i]);
+  }
+  out[0] = m;
+  out[1] = _mm512_reduce_add_ps(lsum);
+}
+#endif
 }  // namespace
 
 // q [B, Hq, Q, D], k / v [B, Hkv, L, D] (last dim contiguous), mask bool [B, 1 or Hq, Q, L] (broadcast strides
@@ -94,7 +201,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(kChunk), p(kChunk);
+    std::vector<float> s(kChunk + 16), p(kChunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % chunks, h = (task / chunks) % Hkv, b = task / (chunks * Hkv);
       const int64_t j0 = c * kChunk, n = std::min(kChunk, L - j0);
@@ -105,6 +212,12 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
         const float* qr = qp + ((b * Hq + hq) * Q + i) * D;
         const bool* mr = mp + b * ms0 + hq * ms1 + i * ms2 + j0 * ms3;
         float* out = pp + (((b * Hkv + h) * chunks + c) * R + r) * (D + 2);
+#ifdef OPTPASS_ATTN_AVX512
+        if (D % 16 == 0) {
+          chunk_row_avx512(qr, kb, vb, ks2, vs2, mr, ms3, n, D, sc, cap, s.data(), out);
+          continue;
+        }
+#endif
         float m = neg_inf;
         for (int64_t j = 0; j < n; ++j) {
           if (!mr[j * ms3]) {

@@ -2,11 +2,12 @@
 and verify steps by width, and the cache rollback, each timed per call; prefill / decode from the engine's own
 split. A diagnostic, not a benchmark: one call per arm after a warm-up.
 
-    python benchmarks/speculative_parts.py
+    python benchmarks/speculative_parts.py [--batch 4] [--proposer token_recycling]
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import optpass.backends.kv.cache as kv_cache  # noqa: E402
 
-from benchmarks.speculative import int8_model, prompts, runtime_call  # noqa: E402
+from benchmarks.speculative import batched, int8_model, prompts, runtime_call  # noqa: E402
 
 TIMES: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -35,6 +36,10 @@ def timed(name: str, fn: Callable) -> Callable:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=1, help="prompts per call (left-padded)")
+    ap.add_argument("--proposer", default="prompt_lookup")
+    args = ap.parse_args()
     torch.set_num_threads(2)
     model, tok = int8_model()
     engine = model.optpass_runtime.engine
@@ -46,13 +51,15 @@ def main() -> None:
 
     engine._select = timed_select
     kv_cache.rollback = timed("rollback", kv_cache.rollback)  # the engine imports it per call
-    rows = prompts(tok, "grounded", 2)
-    for kind in (None, "prompt_lookup"):
+    rows = prompts(tok, "grounded", 2 * args.batch)
+    calls = [(rows[0], None), (rows[1], None)] if args.batch == 1 else \
+        [batched(tok, rows[i:i + args.batch]) for i in (0, args.batch)]
+    for kind in (None, args.proposer):
         call = runtime_call(model, kind)
-        call(rows[0], None)  # warm-up (compiles on a cold cache)
+        call(*calls[0])  # warm-up (compiles on a cold cache)
         for _ in range(2):
             TIMES.clear()
-            call(rows[1], None)
+            call(*calls[1])
             t = engine.last_timing
             print(f"\n{kind or 'no drafter'}: prefill {t['prefill_s'] * 1e3:.0f} ms, "
                   f"decode {t['decode_s'] * 1e3:.0f} ms, verifies {t['verify_steps']}, "

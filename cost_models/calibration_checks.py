@@ -85,12 +85,15 @@ def problems(record: dict[str, Any]) -> list[str]:
         return [f"the record is incomplete ({type(exc).__name__}: {exc})"]
     if not triad > 0:
         return [f"triad bandwidth {triad} is not positive"]
+    # a quick record (tests) measures cache-resident shapes, the triad included (4 MiB arrays: ~150 GB/s on a
+    # large-L3 host), against overhead-bound tiny kernels: neither streaming bound means anything there
+    streaming = not record.get("quick")
     for scheme, v in linear.items():
         bw, overhead = float(v.get("bw", 0.0)), float(v.get("overhead", 0.0))
-        if bw > STREAM_ABOVE_TRIAD * triad and not record.get("quick"):  # quick shapes sit in the cache
+        if streaming and bw > STREAM_ABOVE_TRIAD * triad:
             out.append(f"{scheme} streams weights at {bw / 1e9:.1f} GB/s, above {STREAM_ABOVE_TRIAD}x the "
                        f"{triad / 1e9:.1f} GB/s triad of the same run")
-        if bw < STREAM_BELOW_TRIAD * triad:
+        if streaming and bw < STREAM_BELOW_TRIAD * triad:
             out.append(f"{scheme} streams weights at {bw / 1e9:.2f} GB/s, {triad / max(bw, 1.0):.0f}x slower than the "
                        f"{triad / 1e9:.1f} GB/s triad of the same run")
         if not 0 <= overhead <= MAX_OVERHEAD_S:

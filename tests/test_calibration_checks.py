@@ -46,6 +46,18 @@ def test_the_bounds_catch_what_a_busy_calibration_looked_like():
     assert "incomplete" in problems({k: v for k, v in _plausible().items() if k != "sdpa"})[0]
 
 
+def test_quick_records_skip_the_streaming_bounds_but_keep_the_others():
+    """Quick shapes (tests) sit in the cache, triad included: a tiny kernel 45x below a cache-resident triad is
+    not an interrupted one. Overheads and spreads are still checked."""
+    quick = _plausible()
+    quick.update(quick=True, triad={"bytes_per_s": 150e9, "spread": 0.1})
+    quick["linear"]["int8"]["bw"] = 3.4e9
+    assert problems(quick) == []
+    quick["linear"]["int8"].update(overhead=11_721e-6, spread={"1": 3.1})
+    found = " | ".join(problems(quick))
+    assert "11,721 us" in found and "+-155%" in found and "slower than" not in found
+
+
 def test_calibration_under_synthetic_load_is_refused_or_close_to_a_quiet_one(cache):
     loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

@@ -4,6 +4,7 @@ tokens; sampling: the model's own distribution), cache rollback (static and slid
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict
 
 import pytest
@@ -277,7 +278,7 @@ def test_gate_turns_drafting_off_where_it_does_not_pay_and_backs_off_its_probes(
     wants = _drive(gate, 200, emitted=1)  # a verify costs 2 steps and yields 1 token: never pays
     assert wants[:2] == [True, True]  # the first drafts are tried
     probes = [i for i, w in enumerate(wants) if w][2:]
-    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
     assert gaps[:3] == [16, 32, 64] and set(gaps[3:]) <= {64}  # each probe that does not pay doubles the wait
     assert sum(wants) / len(wants) < 0.05
 

@@ -123,9 +123,12 @@ class DecodeEngine:
             context = -(-prompt // KV_CONTEXT_BUCKET) * KV_CONTEXT_BUCKET
             # optpass's layers mask padding by their own slot validity: steps pass no mask
             return (batch, "kv", context), lambda: CompressedKVCache(self.kv_settings, config, context), None
-        length = cache_bucket(needed + slack, self.plan.max_cache_len)
+        length = cache_bucket(needed + slack, self.plan.max_cache_len)  # a verify step writes k slots past the end
         local = tuple(sorted(local_layers(config).items()))  # layers made local after this engine was built
-        return (batch, length, slack, local), lambda: static_cache(config, length, slack), length
+        # only ring (sliding-window) layers keep slack slots; without them drafting and plain calls share one
+        # cache and one compiled one-token step (two 2k-slot caches at batch 4 are ~750 MB for SmolLM2)
+        ring_slack = slack if has_sliding_layers(config) else 0
+        return (batch, length, ring_slack, local), lambda: static_cache(config, length, ring_slack), length
 
     def _make_step(self, cache: Any) -> Callable:
         model = self.model

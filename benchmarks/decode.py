@@ -86,6 +86,7 @@ class LlamaCppRunner:
         self.gguf = gguf
         self.llm = Llama(model_path=str(gguf), n_threads=2, n_threads_batch=2, n_ctx=PREFILL + 16,
                          n_batch=512, n_ubatch=512, logits_all=False, verbose=False)
+        self.vocab = self.llm.n_vocab()
         self.scorer: Any = None
 
     def generate(self, ids: torch.Tensor, new: int) -> torch.Tensor:
@@ -100,7 +101,7 @@ class LlamaCppRunner:
             # with logits_all=False, `Llama.eval` keeps no scores (llama-cpp-python >= 0.3.2x): read the last
             # position's logits from the context, as llama.cpp's own samplers do
             last = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-            tok = int(np.argmax(np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),))))
+            tok = int(np.argmax(np.ctypeslib.as_array(last, shape=(self.vocab,))))
             out.append(tok)
             if i + 1 < new:
                 self.llm.eval([tok])

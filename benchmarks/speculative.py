@@ -189,8 +189,8 @@ def main() -> None:
                         "assistant_early_exit=8 (first 8 of 30 layers draft)", first=prefill),
                 ]
     # a run of a subset of batch sizes gets its own file, so it never overwrites the full table
-    name = "speculative_smollm2" + ("" if sorted(args.batch) == [1, 4] else "_b" + "_".join(map(str, args.batch)))
-    result = run_scenario(name, variants, rounds=args.rounds, extra={"lossless_check": check})
+    scenario = "speculative_smollm2" + ("" if sorted(args.batch) == [1, 4] else "_b" + "_".join(map(str, args.batch)))
+    result = run_scenario(scenario, variants, rounds=args.rounds, extra={"lossless_check": check})
     for metric in ("tok_s", "decode_tok_s"):
         rates = {row["variant"]: row[metric]["median"] for row in result["rows"] if metric in row}
         for tag in sorted({name.rsplit("/", 1)[0] for name in rates}):

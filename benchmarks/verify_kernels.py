@@ -17,6 +17,7 @@ import argparse
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,8 +43,8 @@ def build_baseline(source: Path) -> Callable:
     text = re.sub(r"TORCH_LIBRARY_IMPL\(optpass,", "TORCH_LIBRARY_IMPL(optpass_baseline,", text)
     copy = Path(tempfile.mkdtemp()) / "decode_attention_baseline.cpp"
     copy.write_text(text)
-    load("optpass_attention_baseline", [str(copy)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    load("optpass_attention_baseline", [str(copy)], extra_cflags=gemv_ops.CFLAGS, extra_ldflags=gemv_ops.LDFLAGS,
+         is_python_module=False, verbose=False)
     return torch.ops.optpass_baseline.decode_attention
 
 
@@ -59,8 +60,6 @@ def attention_inputs(rows: int) -> tuple[torch.Tensor, ...]:
 
 def attention_variant(name: str, op: Callable, rows: int) -> Variant:
     def measure(inputs: tuple[torch.Tensor, ...]) -> dict[str, float]:
-        import time
-
         start = time.perf_counter()
         for _ in range(LAYERS):
             op(*inputs, 0.125, 0.0)
@@ -81,8 +80,6 @@ def gemv_variant(rows: int, grouped: bool) -> Variant:
         return out
 
     def measure(calls: list[tuple[torch.Tensor, ...]]) -> dict[str, float]:
-        import time
-
         start = time.perf_counter()
         for x, q, scale in calls:
             torch.ops.optpass.gemv_int8(x, q, scale)

@@ -21,6 +21,7 @@ import torch
 MAX_ROWS = 8
 # every kernel of the library: the GEMVs here and the decode attention (`decode_attention.py`)
 _SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp"))
+CFLAGS, LDFLAGS = ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]  # benchmarks build older sources alike
 
 
 _AVAILABLE: bool | None = None  # a plain global, not lru_cache: compiled steps read it (dynamo cannot trace the cache)
@@ -43,8 +44,8 @@ def _build() -> bool:
         from optpass.progress import status
 
         with status("loading optpass CPU GEMV kernels (built on first use, ~30 s)"):
-            load("optpass_gemv", _SOURCES, extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            load("optpass_gemv", _SOURCES, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False,
+                 verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler / ninja: fall back to the aten kernels
         warnings.warn(f"optpass: CPU GEMV kernels unavailable ({type(e).__name__}: {e}); using aten kernels")
         return False

@@ -115,9 +115,10 @@ class DecodeEngine:
         from optpass.hf_compat import local_layers
 
         config = self.model.config
+        sliding = has_sliding_layers(config)
         # optpass's cache layers attend through optpass; so do the steps, with optpass's decode kernel where it
         # is built (`decode_steps`), and verify steps in any case (row-exact)
-        if self.kv_settings is not None or has_sliding_layers(config) or slack or gemv_ops.available():
+        if self.kv_settings is not None or sliding or slack or gemv_ops.available():
             enable_compressed_attention(self.model)
         if self.kv_settings is not None:
             context = -(-prompt // KV_CONTEXT_BUCKET) * KV_CONTEXT_BUCKET
@@ -127,7 +128,7 @@ class DecodeEngine:
         local = tuple(sorted(local_layers(config).items()))  # layers made local after this engine was built
         # only ring (sliding-window) layers keep slack slots; without them drafting and plain calls share one
         # cache and one compiled one-token step (two 2k-slot caches at batch 4 are ~750 MB for SmolLM2)
-        ring_slack = slack if has_sliding_layers(config) else 0
+        ring_slack = slack if sliding else 0
         return (batch, length, ring_slack, local), lambda: static_cache(config, length, ring_slack), length
 
     def _make_step(self, cache: Any) -> Callable:

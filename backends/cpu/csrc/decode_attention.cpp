@@ -27,6 +27,7 @@
 namespace {
 
 constexpr int64_t kChunk = 256;
+static_assert(kChunk % 16 == 0, "the AVX-512 path stores whole 16-slot blocks into a kChunk buffer");
 constexpr int kLanes = 16;
 
 // sum_d a[d] * b[d] with kLanes independent partial sums, added in a fixed order
@@ -42,24 +43,22 @@ inline float dot(const float* a, const float* b, int64_t D) {
 }
 
 // exp(x) for x <= 0 (arguments are score - running max), branch-free so the loop over slots vectorizes:
-// 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial (relative error ~2e-7); exp(-inf) = 0
+// 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial (relative error ~2e-7); exp(-inf) = 0.
+// The constants are shared with the 16-lane version below.
+constexpr float kExpMin = -87.f, kLog2e = 1.44269504f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+constexpr float kExpPoly[] = {1.3888889e-3f, 8.3333337e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.f, 1.f};
+
 inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float n = std::nearbyint(x * 1.44269504f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  float p = 1.3888889e-3f;
-  p = p * r + 8.3333337e-3f;
-  p = p * r + 4.1666668e-2f;
-  p = p * r + 1.6666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  x = x < kExpMin ? kExpMin : x;
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = x - n * kLn2Hi - n * kLn2Lo;
+  float p = kExpPoly[0];
+  for (int i = 1; i < 7; ++i) p = p * r + kExpPoly[i];
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-
 
 #if defined(__AVX512F__)
 #define OPTPASS_ATTN_AVX512 1
@@ -80,18 +79,13 @@ inline __m512 sum16(const __m512* v) {
 
 // exp_nonpositive on 16 lanes (the same polynomial)
 inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpMin));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.3888889e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3333337e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1666668e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666667e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
@@ -142,9 +136,8 @@ inline void chunk_row_avx512(const float* qr, const float* kb, const float* vb, 
   }
   __m512 lsum = _mm512_setzero_ps();
   const __m512 mv = _mm512_set1_ps(m);
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {  // s has room for kChunk slots; lanes past n are never used
-    const __mmask16 live = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j0), ninf, _CMP_NEQ_OQ) &
-                           static_cast<__mmask16>(n - j0 >= 16 ? 0xFFFF : (1u << (n - j0)) - 1);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {  // lanes past n were stored as -inf above: not live
+    const __mmask16 live = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j0), ninf, _CMP_NEQ_OQ);
     const __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + j0), mv)));
     _mm512_storeu_ps(s + j0, p);
     lsum = _mm512_add_ps(lsum, p);
@@ -201,7 +194,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(kChunk + 16), p(kChunk);
+    std::vector<float> s(kChunk), p(kChunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % chunks, h = (task / chunks) % Hkv, b = task / (chunks * Hkv);
       const int64_t j0 = c * kChunk, n = std::min(kChunk, L - j0);

@@ -1,6 +1,6 @@
 """The two kernels a speculative verify step multiplies, per query-row count, at SmolLM2-135M's decode shapes:
 `optpass::decode_attention` (9 query / 3 KV heads, head dim 64, 1.2k valid of 2k cache slots) and
-`optpass::gemv_int8` over one decode step's weights (30 blocks' q/k/v/o/gate/up/down + the 49k-row head,
+`optpass::gemv_int8` / `gemv_int8_packed` over one decode step's weights (30 blocks' q/k/v/o/gate/up/down + the 49k-row head,
 per-channel and g32 scales). Rows 1 = a one-token step; 6 = a verify step drafting 5 tokens. Times are per
 whole step (30 layers). Interleaved rounds, medians (benchmarks/harness.py).
 
@@ -69,23 +69,29 @@ def attention_variant(name: str, op: Callable, rows: int) -> Variant:
                    note=f"{LAYERS} layers, {VALID} of {SLOTS} slots valid")
 
 
-def gemv_variant(rows: int, grouped: bool) -> Variant:
+def gemv_variant(rows: int, layout: str) -> Variant:
+    """layout: "packed" (per-channel, what Int8Linear runs on VNNI CPUs), "rows" (per-channel, the [N, K] layout)
+    or "g32" (group scales, [N, K] layout)."""
+    op = torch.ops.optpass.gemv_int8_packed if layout == "packed" else torch.ops.optpass.gemv_int8
+
     def setup() -> list[tuple[torch.Tensor, ...]]:
         g = torch.Generator().manual_seed(0)
         out = []
         for n, k in LINEARS * LAYERS + [HEAD]:
             q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-            scale = torch.rand(n, k // 32, generator=g) if grouped else torch.rand(n, generator=g)
-            out.append((torch.randn(rows, k, generator=g), q, scale))
+            scale = torch.rand(n, k // 32, generator=g) if layout == "g32" else torch.rand(n, generator=g)
+            weight = gemv_ops.pack_rows(q) if layout == "packed" else q
+            out.append((torch.randn(rows, k, generator=g), weight, scale))
         return out
 
     def measure(calls: list[tuple[torch.Tensor, ...]]) -> dict[str, float]:
         start = time.perf_counter()
-        for x, q, scale in calls:
-            torch.ops.optpass.gemv_int8(x, q, scale)
+        for x, weight, scale in calls:
+            op(x, weight, scale)
         return {"step_ms": (time.perf_counter() - start) * 1e3}
 
-    return Variant(f"gemv_int8 {'g32' if grouped else 'per-channel'} rows={rows}", setup, measure,
+    name = {"packed": "per-channel packed", "rows": "per-channel rows", "g32": "g32 rows"}[layout]
+    return Variant(f"gemv_int8 {name} rows={rows}", setup, measure,
                    note="every linear of a SmolLM2 decode step, int8 weights")
 
 
@@ -102,7 +108,8 @@ def main() -> None:
     if args.attention_baseline:
         ops["decode_attention baseline"] = build_baseline(args.attention_baseline)
     variants = [attention_variant(name, op, rows) for rows in (1, 6) for name, op in ops.items()]
-    variants += [gemv_variant(rows, grouped) for grouped in (False, True) for rows in ROWS]
+    layouts = ("packed", "rows", "g32") if gemv_ops.packed_available() else ("rows", "g32")
+    variants += [gemv_variant(rows, layout) for layout in layouts for rows in ROWS]
     run_scenario("verify_kernels_smollm2", variants, rounds=args.rounds,
                  extra={"attention_baseline": str(args.attention_baseline) if args.attention_baseline else None})
 

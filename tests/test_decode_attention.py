@@ -22,9 +22,9 @@ def reference(q, k, v, mask, scale, softcap=None):
     return (weights @ v).transpose(1, 2).float()
 
 
-def inputs(rows: int, seed: int = 0):
+def inputs(rows: int, seed: int = 0, dim: int = D):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((HQ, rows), (HKV, L), (HKV, L)))
+    q, k, v = (torch.randn(B, h, n, dim, generator=g) for h, n in ((HQ, rows), (HKV, L), (HKV, L)))
     mask = torch.zeros(B, 1, rows, L, dtype=torch.bool)
     for b, (start, end) in enumerate(((0, 431), (37, 290))):  # left padding, then a causal block of `rows`
         for i in range(rows):
@@ -41,18 +41,23 @@ def test_matches_reference_attention(rows, softcap):
     torch.testing.assert_close(got, reference(q, k, v, mask, 0.125, softcap), atol=2e-6, rtol=1e-5)
 
 
-def test_hidden_slots_are_never_read():
-    """NaNs in slots the mask hides (a static cache's unused tail) do not reach the output."""
-    q, k, v, mask = inputs(1)
+@pytest.mark.parametrize("rows", [1, 6])
+def test_hidden_slots_are_never_read(rows):
+    """NaNs in slots the mask hides from every row (a static cache's unused tail) do not reach the output."""
+    q, k, v, mask = inputs(rows)
     k[:, :, 500:], v[:, :, 500:] = float("nan"), float("nan")
     assert not attend(q, k, v, mask, 0.125).isnan().any()
 
 
-def test_rows_are_bit_identical_to_single_row_calls():
-    q, k, v, mask = inputs(6, seed=1)
-    together = attend(q, k, v, mask, 0.125)
-    for i in range(6):
-        alone = attend(q[:, :, i:i + 1], k, v, mask[:, :, i:i + 1], 0.125)
+@pytest.mark.parametrize("rows, dim", [(6, 64), (5, 256)])  # 18 / 15 rows per KV head: whole and partial blocks
+def test_rows_are_bit_identical_to_single_row_calls(rows, dim):
+    """Rows share each key / value load, but a row's result must not depend on the others: a slot hidden from
+    one row (the causal tail) is still read for the rows that see it."""
+    q, k, v, mask = inputs(rows, seed=1, dim=dim)
+    together = attend(q, k, v, mask, dim ** -0.5)
+    torch.testing.assert_close(together, reference(q, k, v, mask, dim ** -0.5), atol=2e-6, rtol=1e-5)
+    for i in range(rows):
+        alone = attend(q[:, :, i:i + 1], k, v, mask[:, :, i:i + 1], dim ** -0.5)
         assert torch.equal(alone[:, 0], together[:, i])
 
 

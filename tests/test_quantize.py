@@ -41,7 +41,9 @@ def linear():
 
 def test_int8_decode_runs_optpass_gemv(linear):
     ops = _ops(Int8Linear.from_linear(linear), rows=1)
-    expected = "optpass.gemv_int8" if gemv_ops.available() else "aten._weight_int8pack_mm"
+    expected = "aten._weight_int8pack_mm"
+    if gemv_ops.available():
+        expected = "optpass.gemv_int8_packed" if gemv_ops.packed_available() else "optpass.gemv_int8"
     assert expected in ops
     assert not ops & {"aten.mm", "aten.addmm", "aten.linear", "aten.matmul"}
 
@@ -87,6 +89,33 @@ def test_workspace_dequant_gemm_matches_plain_ops(monkeypatch, make):
     got = quant_linear._workspace_gemm(x, module.qweight, module.scale, zero, group, 208, 128).float()
     ref = quant_linear._dequantized_gemm(x, module.dequantized_weight(), torch.bfloat16).float()
     torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not gemv_ops.packed_available(), reason="the packed GEMV needs AVX-512 VNNI")
+@pytest.mark.parametrize("n, k", [(96, 256), (50, 3000), (33, 64)])  # N past a 32-block, K past a flush
+def test_packed_gemv_is_bit_identical_to_the_row_layout_and_row_exact(n, k):
+    g = torch.Generator().manual_seed(n)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g) / 100
+    packed = gemv_ops.pack_rows(q)
+    assert packed.shape == (-(-n // 32), k // 2, 32, 2)
+    for rows in (1, 6, 8):
+        x = torch.randn(rows, k, generator=g) * 3
+        got = torch.ops.optpass.gemv_int8_packed(x, packed, scale)
+        assert torch.equal(got, torch.ops.optpass.gemv_int8(x, q, scale))  # same integer sums
+        for i in range(rows):  # a verify step's row i is the one-row step at that position
+            assert torch.equal(got[i:i + 1], torch.ops.optpass.gemv_int8_packed(x[i:i + 1], packed, scale))
+        ref = x.double() @ (q.double() * scale.double()[:, None]).T
+        torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
+    # the worst case for int32 lanes: every product at its largest, one sign, K past several flushes
+    x = torch.full((1, k), 7.0)
+    big = torch.full((n, k), 127, dtype=torch.int8)
+    got = torch.ops.optpass.gemv_int8_packed(x, gemv_ops.pack_rows(big), torch.ones(n))
+    torch.testing.assert_close(got, torch.full((1, n), 7.0 * 127 * k), rtol=1e-6, atol=0)
+
+
+def test_pack_rows_declines_odd_inputs():
+    assert gemv_ops.pack_rows(torch.zeros(4, 7, dtype=torch.int8)) is None
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64])

@@ -292,3 +292,20 @@ def test_gate_keeps_drafting_while_it_pays_and_resumes_when_acceptance_returns()
     assert sum(off[15:]) <= 2  # off within ~10 verifies of the drop (an EMA), then only probes
     on = _drive(gate, 60, emitted=6)  # a stretch that copies its input: the next probe turns it back on
     assert all(on[-30:])
+
+
+def test_engine_stops_drafting_at_a_batch_size_where_a_verify_measured_too_costly():
+    """The plan's verify cost is a batch-1 estimate. At batch 4 a verify has one draft (8 rows); once a call
+    measured it at >= 2 one-token steps, full acceptance cannot pay, and later calls at that batch do not draft
+    (the reason is reported), while batch 1 still drafts."""
+    model = tiny_llama().eval()
+    engine = DecodeEngine(model, _plan("prompt_lookup"), compile=False)
+    batch = _repeating_prompts(1, batch=4, seed=3)[0]
+    engine.generate(batch, 12)
+    assert engine.last_timing["verify_steps"] > 0 and 4 in engine.verify_cost_seen
+    engine.verify_cost_seen[4] = 2.3  # as a slow verify would have measured
+    again = engine.generate(batch, 12)
+    assert engine.last_timing["verify_steps"] == 0 and "measured 2.30x" in engine.no_draft_reason
+    assert torch.equal(again, engine.generate(batch, 12, speculate=False))
+    engine.generate(batch[:1], 12)
+    assert engine.last_timing["verify_steps"] > 0 and engine.no_draft_reason == ""

@@ -1,6 +1,10 @@
 """`optpass::gemv_int8`: a memory-bound int8 weight-only GEMV for CPU decode.
 
 y[M, N] = x[M, K] @ dequant(W)[N, K].T with fp32 activations and M <= 8 (decode rows).
+`optpass::gemv_int8_packed` is the same product on a packed copy of W (`pack_rows`: output channels in vector
+lanes) for AVX-512 VNNI CPUs: bit-identical results (exact integer sums in both), and a verify step's rows
+cost far less (`benchmarks/verify_kernels.py`: ~27% less at 6 rows, ~34% at 8), since the row layout spends
+its time on per-output horizontal sums and per-row activation reloads; one row is no slower.
 PyTorch's `_weight_int8pack_mm` streams cold weights at ~12 GB/s on the 2-core AVX-512 machine of
 shared/PEERS.md; `csrc/gemv.cpp` (four independent accumulators) reaches ~18-24 GB/s. (An int4 variant was slower than
 aten's tinygemm kernel on this Zen 4 CPU, so int4 uses tinygemm.) The op is
@@ -61,3 +65,28 @@ def _register_fakes() -> None:
     @torch.library.register_fake("optpass::gemv_int8")
     def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], q.shape[0]), dtype=torch.float32)
+
+    if hasattr(torch.ops.optpass, "gemv_int8_packed"):  # not packed_available(): the build is not recorded yet
+        @torch.library.register_fake("optpass::gemv_int8_packed")
+        def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return x.new_empty((x.shape[0], scale.shape[0]), dtype=torch.float32)
+
+
+PACKED_OUT = 32  # output channels per block of the packed layout (two 16-lane vectors)
+
+
+def packed_available() -> bool:
+    """Whether `optpass::gemv_int8_packed` exists: built, on a CPU with AVX-512 VNNI (its only kernel)."""
+    return available() and hasattr(torch.ops.optpass, "gemv_int8_packed")
+
+
+def pack_rows(q: torch.Tensor) -> torch.Tensor | None:
+    """int8 [N, K] -> the packed layout of `gemv_int8_packed`: [ceil(N / 32), K / 2, 32, 2], output channels in
+    vector lanes (rows past N are zero). None where the layout does not apply (odd K)."""
+    n, k = q.shape
+    if k % 2:
+        return None
+    blocks = -(-n // PACKED_OUT)
+    padded = q.new_zeros(blocks * PACKED_OUT, k)
+    padded[:n] = q
+    return padded.view(blocks, PACKED_OUT, k // 2, 2).permute(0, 2, 1, 3).contiguous()

@@ -163,7 +163,9 @@ class Int8Linear(QuantizedLinear):
     """Weight-only int8, symmetric per output channel or per group of `group_size` inputs (`scale` [N] or
     [N, K / group_size]); W8A8 dynamic above `w8a8_min_rows` rows (per-channel scales only)."""
 
-    decode_tensors = ("qweight", "scale")
+    @property
+    def decode_tensors(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("qweight" if self.kernel_gemv is None else "kernel_gemv", "scale")
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  act_dtype: torch.dtype = torch.bfloat16, w8a8_min_rows: int | None = None,
@@ -186,6 +188,12 @@ class Int8Linear(QuantizedLinear):
     def refresh_kernels(self) -> None:
         self.register_buffer("kernel_scale", self.scale.to(self.act_dtype) if not self.group_size else None,
                              persistent=False)
+        # decode rows read a packed copy (output channels in vector lanes) where that kernel exists: one more
+        # byte per weight in memory, but a verify step's rows cost far less than in the row layout
+        packed = None
+        if self.use_gemv and not self.group_size and gemv_ops.packed_available():
+            packed = gemv_ops.pack_rows(self.qweight)
+        self.register_buffer("kernel_gemv", packed, persistent=False)
         t = self.qweight.t().contiguous() if self.w8a8_min_rows else None
         self.register_buffer("qweight_t", t, persistent=False)
 
@@ -202,6 +210,8 @@ class Int8Linear(QuantizedLinear):
                 return _dequantized_gemm(x2d, self.dequantized_weight(), self.act_dtype)
             return torch.ops.optpass.int8_weight_only_linear(x2d.to(self.act_dtype), self.qweight, self.scale, None)
         if rows <= gemv_ops.MAX_ROWS and self.use_gemv:
+            if self.kernel_gemv is not None:
+                return torch.ops.optpass.gemv_int8_packed(x2d.float(), self.kernel_gemv, self.scale)
             return torch.ops.optpass.gemv_int8(x2d.float(), self.qweight, self.scale)
         if self.w8a8_min_rows is not None and rows >= self.w8a8_min_rows:
             return self._w8a8(x2d)

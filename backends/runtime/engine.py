@@ -81,6 +81,10 @@ class DecodeEngine:
         self._weights: tuple | None = None
         self.cache: Any = None
         self.last_timing: dict[str, float] = {}
+        # per batch size: a verify step's time in one-token steps, as the last call that drafted measured it.
+        # The plan's ratio is a batch-1 estimate; at larger batches a verify has fewer drafts (row budget) and
+        # costs relatively more, so this is what decides there
+        self.verify_cost_seen: dict[int, float] = {}
 
     def fits(self, prompt: int, new: int) -> bool:
         return self.kv_settings is not None or prompt + new <= self.plan.max_cache_len
@@ -95,6 +99,10 @@ class DecodeEngine:
             return None, "no room in the static cache for a draft"
         if self.draft_length(batch) < 1:
             return None, f"batch {batch} leaves no room for a draft in the decode kernels' {self._rows()} rows"
+        seen, width = self.verify_cost_seen.get(batch), self.draft_length(batch) + 1
+        if seen is not None and seen >= width:
+            return None, (f"at batch {batch} a verify step of {width} tokens measured {seen:.2f}x a one-token step: "
+                          "drafting cannot pay even if every draft is accepted")
         options = {k: v for k, v in self.plan.proposer.items() if k not in ("kind", "draft", "verify_cost", "max_rows")}
         return make_proposer(self.plan.proposer["kind"], self.model.config.vocab_size, **options), ""
 
@@ -192,7 +200,9 @@ class DecodeEngine:
         proposer, self.no_draft_reason = self.proposer(batch, prompt, new) if speculate else (None, "not asked")
         k = self.draft_length(batch) if proposer is not None else 0
         step_for, mask_length = self._select(batch, prompt, prompt + new, k)
-        gate = DraftGate(float(self.plan.proposer.get("verify_cost", 1.5))) if proposer is not None else None
+        gate = None
+        if proposer is not None:  # starts from what this batch size measured before, else the plan's estimate
+            gate = DraftGate(self.verify_cost_seen.get(batch, float(self.plan.proposer.get("verify_cost", 1.5))))
         self.cache.reset()
         if self.skip:  # the prefill decides per token (eager); steps force off what the whole batch skips
             self._skip_stage(None)
@@ -268,6 +278,8 @@ class DecodeEngine:
             valid += width
         if self.skip:
             self._skip_stage(None)
+        if gate is not None and gate.measured():
+            self.verify_cost_seen[batch] = gate.cost()
         self.last_timing = {"prefill_s": prefilled - started, "decode_s": time.perf_counter() - prefilled,
                             "decode_steps": out.shape[1] - prompt - 1, "verify_steps": verifies,
                             "accepted_drafts": accepted}

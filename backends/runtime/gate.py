@@ -33,6 +33,10 @@ class DraftGate:
             return True
         return False
 
+    def measured(self) -> bool:
+        """Whether both a plain and a verify step were timed (so `cost` is this call's, not the estimate)."""
+        return self.plain_s is not None and self.verify_s is not None
+
     def cost(self) -> float:
         """A verify step's time in one-token steps (measured here once both were seen)."""
         if self.plain_s is not None and self.verify_s is not None:

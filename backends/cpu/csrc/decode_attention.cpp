@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -60,6 +61,42 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// One query row against one chunk of n (<= kChunk) slots, any D: the portable loops (same output layout)
+inline void chunk_row_scalar(const float* qr, const float* kb, const float* vb, int64_t ks2, int64_t vs2,
+                             const bool* mr, int64_t ms3, int64_t n, int64_t D, float sc, float cap, float* s,
+                             float* p, float* out) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float m = neg_inf;
+  for (int64_t j = 0; j < n; ++j) {
+    if (!mr[j * ms3]) {
+      s[j] = neg_inf;
+      continue;
+    }
+    float x = dot(qr, kb + j * ks2, D) * sc;
+    if (cap > 0.f) x = cap * std::tanh(x / cap);
+    s[j] = x;
+    m = x > m ? x : m;
+  }
+  float* acc = out + 2;
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+  if (m == neg_inf) {  // every slot of this chunk hidden from this row
+    out[0] = neg_inf;
+    out[1] = 0.f;
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) p[j] = s[j] == neg_inf ? 0.f : exp_nonpositive(s[j] - m);
+  float l = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    if (p[j] == 0.f) continue;
+    l += p[j];
+    const float* vr = vb + j * vs2;
+    const float w = p[j];
+    for (int64_t d = 0; d < D; ++d) acc[d] += w * vr[d];
+  }
+  out[0] = m;
+  out[1] = l;
+}
+
 #if defined(__AVX512F__)
 #define OPTPASS_ATTN_AVX512 1
 // lane t of the result = the sum of v[t]'s 16 lanes, for 16 vectors at once (a transpose-and-add tree: ~45
@@ -90,71 +127,128 @@ inline __m512 exp_nonpositive16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
-// One query row against one chunk of n (<= kChunk) slots, D % 16 == 0: writes the running max, the sum of
-// weights and the weighted values [D] to out. Scores are 16 slots at a time (one vector of partial products
-// per slot, then `sum16`); slots the mask hides are not read; values are accumulated 64 dims at a time in
-// registers. The operation order depends only on D and on which slots are valid, never on the other rows.
-inline void chunk_row_avx512(const float* qr, const float* kb, const float* vb, int64_t ks2, int64_t vs2,
-                             const bool* mr, int64_t ms3, int64_t n, int64_t D, float sc, float cap, float* s,
-                             float* out) {
+// RB query rows against one chunk of n (<= kChunk) slots, D % 16 == 0: writes each row's running max, sum of
+// weights and weighted values [D] to out[r]. Each key and value row is loaded once for all RB rows (a verify
+// step's rows and a KV head's query heads share them), but every row still gets exactly the one-row operations:
+// scores 16 slots at a time (one vector of partial products per slot, the d blocks in order, then `sum16`), the
+// same exp, values accumulated in slot order. Slots hidden from every row are not read; a slot hidden from
+// one row only is computed for it and then discarded lane-wise (blend / masked FMA), never mixed into another
+// lane, so the result of a row never depends on RB or on the other rows.
+template <int RB>
+inline void chunk_rows_avx512(const float* const* qr, const float* kb, const float* vb, int64_t ks2, int64_t vs2,
+                              const bool* const* mr, int64_t ms3, int64_t n, int64_t D, float sc, float cap,
+                              float* const* s, float* const* out) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const __m512 ninf = _mm512_set1_ps(neg_inf);
-  __m512 mx = ninf;
+  __m512 mx[RB];
+  for (int r = 0; r < RB; ++r) mx[r] = ninf;
+  __m512 part[RB][16];  // per row, per slot of the block: the partial products of one score
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t w = std::min<int64_t>(16, n - j0);
-    __mmask16 valid = 0;
-    for (int64_t t = 0; t < w; ++t) valid |= static_cast<__mmask16>(mr[(j0 + t) * ms3] ? 1u << t : 0u);
-    if (!valid) {
-      _mm512_storeu_ps(s + j0, ninf);
+    __mmask16 valid[RB], any = 0;
+    for (int r = 0; r < RB; ++r) {
+      valid[r] = 0;
+      for (int64_t t = 0; t < w; ++t) valid[r] |= static_cast<__mmask16>(mr[r][(j0 + t) * ms3] ? 1u << t : 0u);
+      any |= valid[r];
+    }
+    for (int t = 0; t < 16; ++t) {
+      __m512 acc[RB];
+      for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
+      if (any >> t & 1) {
+        const float* kr = kb + (j0 + t) * ks2;
+        for (int64_t d = 0; d < D; d += 16) {
+          const __m512 kd = _mm512_loadu_ps(kr + d);
+          for (int r = 0; r < RB; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qr[r] + d), kd, acc[r]);
+        }
+      }
+      for (int r = 0; r < RB; ++r) part[r][t] = acc[r];
+    }
+    for (int r = 0; r < RB; ++r) {
+      if (!valid[r]) {
+        _mm512_storeu_ps(s[r] + j0, ninf);
+        continue;
+      }
+      __m512 x = _mm512_mul_ps(sum16(part[r]), _mm512_set1_ps(sc));
+      if (cap > 0.f) {
+        alignas(64) float tmp[16];
+        _mm512_store_ps(tmp, x);
+        for (int t = 0; t < 16; ++t) tmp[t] = cap * std::tanh(tmp[t] / cap);
+        x = _mm512_load_ps(tmp);
+      }
+      x = _mm512_mask_blend_ps(valid[r], ninf, x);
+      _mm512_storeu_ps(s[r] + j0, x);
+      mx[r] = _mm512_max_ps(mx[r], x);
+    }
+  }
+  bool live[RB];
+  bool any_live = false;
+  for (int r = 0; r < RB; ++r) {
+    const float m = _mm512_reduce_max_ps(mx[r]);
+    live[r] = m != neg_inf;
+    any_live |= live[r];
+    out[r][0] = m;
+    if (!live[r]) {  // every slot of this chunk hidden from this row
+      out[r][1] = 0.f;
+      for (int64_t d = 0; d < D; ++d) out[r][2 + d] = 0.f;
       continue;
     }
-    __m512 v[16];
-    for (int t = 0; t < 16; ++t) {
-      v[t] = _mm512_setzero_ps();
-      if (!(valid >> t & 1)) continue;
-      const float* kr = kb + (j0 + t) * ks2;
-      for (int64_t d = 0; d < D; d += 16) v[t] = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), _mm512_loadu_ps(kr + d), v[t]);
+    __m512 lsum = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(m);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {  // lanes past n were stored as -inf above: not live
+      const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_loadu_ps(s[r] + j0), ninf, _CMP_NEQ_OQ);
+      const __m512 p = _mm512_maskz_mov_ps(keep, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s[r] + j0), mv)));
+      _mm512_storeu_ps(s[r] + j0, p);
+      lsum = _mm512_add_ps(lsum, p);
     }
-    __m512 x = _mm512_mul_ps(sum16(v), _mm512_set1_ps(sc));
-    if (cap > 0.f) {
-      alignas(64) float tmp[16];
-      _mm512_store_ps(tmp, x);
-      for (int t = 0; t < 16; ++t) tmp[t] = cap * std::tanh(tmp[t] / cap);
-      x = _mm512_load_ps(tmp);
-    }
-    x = _mm512_mask_blend_ps(valid, ninf, x);
-    _mm512_storeu_ps(s + j0, x);
-    mx = _mm512_max_ps(mx, x);
+    out[r][1] = _mm512_reduce_add_ps(lsum);
   }
-  const float m = _mm512_reduce_max_ps(mx);
-  float* acc = out + 2;
-  if (m == neg_inf) {  // every slot of this chunk hidden from this row
-    out[0] = neg_inf;
-    out[1] = 0.f;
-    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-    return;
-  }
-  __m512 lsum = _mm512_setzero_ps();
-  const __m512 mv = _mm512_set1_ps(m);
-  for (int64_t j0 = 0; j0 < n; j0 += 16) {  // lanes past n were stored as -inf above: not live
-    const __mmask16 live = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j0), ninf, _CMP_NEQ_OQ);
-    const __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + j0), mv)));
-    _mm512_storeu_ps(s + j0, p);
-    lsum = _mm512_add_ps(lsum, p);
-  }
+  if (!any_live) return;
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     const int64_t blocks = std::min<int64_t>(4, (D - d0) / 16);
-    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 a[RB][4];
+    for (int r = 0; r < RB; ++r)
+      for (int i = 0; i < 4; ++i) a[r][i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      if (s[j] == 0.f) continue;  // hidden (or underflowed) slots: never read
-      const __m512 pj = _mm512_set1_ps(s[j]);
+      __mmask16 use[RB];  // all lanes or none: a row whose weight is 0 (hidden or underflowed) skips this slot
+      bool used = false;
+      for (int r = 0; r < RB; ++r) {
+        use[r] = live[r] && s[r][j] != 0.f ? 0xFFFF : 0;
+        used |= use[r] != 0;
+      }
+      if (!used) continue;  // never read
       const float* vr = vb + j * vs2 + d0;
-      for (int64_t i = 0; i < blocks; ++i) a[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * i), a[i]);
+      for (int64_t i = 0; i < blocks; ++i) {
+        const __m512 vi = _mm512_loadu_ps(vr + 16 * i);
+        for (int r = 0; r < RB; ++r) a[r][i] = _mm512_mask3_fmadd_ps(_mm512_set1_ps(s[r][j]), vi, a[r][i], use[r]);
+      }
     }
-    for (int64_t i = 0; i < blocks; ++i) _mm512_storeu_ps(acc + d0 + 16 * i, a[i]);
+    for (int r = 0; r < RB; ++r)
+      if (live[r])
+        for (int64_t i = 0; i < blocks; ++i) _mm512_storeu_ps(out[r] + 2 + d0 + 16 * i, a[r][i]);
   }
-  out[0] = m;
-  out[1] = _mm512_reduce_add_ps(lsum);
+}
+
+constexpr int kRowBlock = 6;  // rows per pass over a chunk: 6 x 4 value accumulators + 4 value vectors in registers
+
+// rows [0, R) of one chunk in blocks of up to kRowBlock
+inline void chunk_all_rows_avx512(int64_t R, const float* const* qr, const float* kb, const float* vb, int64_t ks2,
+                                  int64_t vs2, const bool* const* mr, int64_t ms3, int64_t n, int64_t D, float sc,
+                                  float cap, float* const* s, float* const* out) {
+  for (int64_t r0 = 0; r0 < R; r0 += kRowBlock) {
+    const int64_t rb = std::min<int64_t>(kRowBlock, R - r0);
+    const auto call = [&](auto tag) {
+      constexpr int kRows = decltype(tag)::value;
+      chunk_rows_avx512<kRows>(qr + r0, kb, vb, ks2, vs2, mr + r0, ms3, n, D, sc, cap, s + r0, out + r0);
+    };
+    switch (rb) {
+      case 1: call(std::integral_constant<int, 1>{}); break;
+      case 2: call(std::integral_constant<int, 2>{}); break;
+      case 3: call(std::integral_constant<int, 3>{}); break;
+      case 4: call(std::integral_constant<int, 4>{}); break;
+      case 5: call(std::integral_constant<int, 5>{}); break;
+      default: call(std::integral_constant<int, 6>{}); break;
+    }
+  }
 }
 #endif
 }  // namespace
@@ -194,7 +288,11 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(kChunk), p(kChunk);
+    std::vector<float> s(R * kChunk), p(kChunk);
+    std::vector<const float*> qr(R);
+    std::vector<const bool*> mr(R);
+    std::vector<float*> out(R), srow(R);
+    for (int64_t r = 0; r < R; ++r) srow[r] = s.data() + r * kChunk;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % chunks, h = (task / chunks) % Hkv, b = task / (chunks * Hkv);
       const int64_t j0 = c * kChunk, n = std::min(kChunk, L - j0);
@@ -202,45 +300,18 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
       const float* vb = vp + b * vs0 + h * vs1 + j0 * vs2;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t g = r / Q, i = r % Q, hq = h * G + g;
-        const float* qr = qp + ((b * Hq + hq) * Q + i) * D;
-        const bool* mr = mp + b * ms0 + hq * ms1 + i * ms2 + j0 * ms3;
-        float* out = pp + (((b * Hkv + h) * chunks + c) * R + r) * (D + 2);
-#ifdef OPTPASS_ATTN_AVX512
-        if (D % 16 == 0) {
-          chunk_row_avx512(qr, kb, vb, ks2, vs2, mr, ms3, n, D, sc, cap, s.data(), out);
-          continue;
-        }
-#endif
-        float m = neg_inf;
-        for (int64_t j = 0; j < n; ++j) {
-          if (!mr[j * ms3]) {
-            s[j] = neg_inf;
-            continue;
-          }
-          float x = dot(qr, kb + j * ks2, D) * sc;
-          if (cap > 0.f) x = cap * std::tanh(x / cap);
-          s[j] = x;
-          m = x > m ? x : m;
-        }
-        float* acc = out + 2;
-        for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
-        if (m == neg_inf) {  // every slot of this chunk hidden from this row
-          out[0] = neg_inf;
-          out[1] = 0.f;
-          continue;
-        }
-        for (int64_t j = 0; j < n; ++j) p[j] = s[j] == neg_inf ? 0.f : exp_nonpositive(s[j] - m);
-        float l = 0.f;
-        for (int64_t j = 0; j < n; ++j) {
-          if (p[j] == 0.f) continue;
-          l += p[j];
-          const float* vr = vb + j * vs2;
-          const float w = p[j];
-          for (int64_t d = 0; d < D; ++d) acc[d] += w * vr[d];
-        }
-        out[0] = m;
-        out[1] = l;
+        qr[r] = qp + ((b * Hq + hq) * Q + i) * D;
+        mr[r] = mp + b * ms0 + hq * ms1 + i * ms2 + j0 * ms3;
+        out[r] = pp + (((b * Hkv + h) * chunks + c) * R + r) * (D + 2);
       }
+#ifdef OPTPASS_ATTN_AVX512
+      if (D % 16 == 0) {
+        chunk_all_rows_avx512(R, qr.data(), kb, vb, ks2, vs2, mr.data(), ms3, n, D, sc, cap, srow.data(), out.data());
+        continue;
+      }
+#endif
+      for (int64_t r = 0; r < R; ++r)
+        chunk_row_scalar(qr[r], kb, vb, ks2, vs2, mr[r], ms3, n, D, sc, cap, srow[r], p.data(), out[r]);
     }
   });
 

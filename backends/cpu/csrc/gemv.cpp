@@ -4,6 +4,9 @@
 // hardware prefetcher sees one linear stream. fp32 activations and accumulation (no activation rounding).
 // With AVX-512 the inner dots keep four independent accumulators: one accumulator would make the loop
 // FMA-latency bound (~4 B/cycle, ~12 GB/s); four keep it memory bound. Other CPUs get the plain loops.
+// On AVX-512 VNNI CPUs, per-channel weights also come in a packed layout (output channels in vector lanes,
+// `gemv_int8_packed` below), which is what decode and verify steps use: same integer sums, fewer instructions
+// per row.
 #include <torch/extension.h>
 #include <omp.h>
 
@@ -78,12 +81,19 @@ inline __m512i widen(const int8_t* w) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
 }
 
+// the 16 int32 lanes of a summed in int64: each lane holds at most kFlush / 16 products (< 2^31), their total
+// need not fit in 32 bits
+inline int64_t sum_lanes_exact(__m512i a) {
+  const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+  return _mm512_reduce_add_epi64(_mm512_cvtepi32_epi64(half));
+}
+
 // y[m] = sum_k x[m, k] * w[k] for M int16 activation rows and one int8 weight row (per-channel scale applied
-// by the caller). Each weight chunk is widened once and used by every row; two accumulator sets per row keep
-// vpdpwssd's latency hidden.
+// by the caller), summed exactly in integers and rounded to float once. Each weight chunk is widened once and
+// used by every row; two accumulator sets per row keep vpdpwssd's latency hidden.
 template <int M>
 inline void dot_rows(const int16_t* x, const int8_t* w, int64_t K, float* out) {
-  float total[M] = {};
+  int64_t total[M] = {};
   int64_t k = 0;
   while (k < K) {
     const int64_t end = std::min(K, k + kFlush);
@@ -101,13 +111,12 @@ inline void dot_rows(const int16_t* x, const int8_t* w, int64_t K, float* out) {
       for (int m = 0; m < M; ++m) a[m] = _mm512_dpwssd_epi32(a[m], _mm512_loadu_si512(x + m * K + k), w0);
     }
     for (int m = 0; m < M; ++m) {
-      int32_t acc = _mm512_reduce_add_epi32(_mm512_add_epi32(a[m], b[m]));
-      for (int64_t j = k; j < end; ++j) acc += static_cast<int32_t>(x[m * K + j]) * w[j];
-      total[m] += static_cast<float>(acc);
+      total[m] += sum_lanes_exact(a[m]) + sum_lanes_exact(b[m]);
+      for (int64_t j = k; j < end; ++j) total[m] += static_cast<int32_t>(x[m * K + j]) * w[j];
     }
     k = end;
   }
-  for (int m = 0; m < M; ++m) out[m] = total[m];
+  for (int m = 0; m < M; ++m) out[m] = static_cast<float>(total[m]);
 }
 
 // y[m] = sum_g s[g] * sum_{k in g} x[m, k] * w[k], a scale per `group` (% 32 == 0) inputs; two groups at a
@@ -156,6 +165,58 @@ void rows_vnni(const int16_t* xq, const float* xs, const int8_t* q, const float*
   }
 }
 
+// The packed layout (`gemv_ops.pack_rows`): output channels in vector lanes. Blocks of kPackedOut outputs; within
+// a block, for each pair of inputs (k, k + 1), 64 bytes: w[n0, k], w[n0, k + 1], w[n0 + 1, k], ... So one
+// vpdpwssd multiplies a broadcast pair of activations by 16 outputs' weight pairs, the weights stream as one
+// linear run (no per-output streams, no horizontal sums), and each activation pair is loaded once per block for
+// every row. A lane's int32 sum is moved to int64 every kFlushPairs pairs, so no sum can overflow; integer sums
+// are exact, so each row's result is bit-identical to the row layout above and independent of M.
+constexpr int64_t kPackedOut = 32;
+constexpr int64_t kFlushPairs = 128;  // 256 products of |x| <= 2^15, |w| <= 2^7 per lane: < 2^31
+
+inline void add_to_int64(__m512i a, __m512i& lo, __m512i& hi) {
+  lo = _mm512_add_epi64(lo, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(a)));
+  hi = _mm512_add_epi64(hi, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1)));
+}
+
+template <int M>
+void packed_vnni(const int16_t* xq, const float* xs, const int8_t* packed, const float* scale, float* y, int64_t N,
+                 int64_t K) {
+  const int64_t blocks = (N + kPackedOut - 1) / kPackedOut, pairs = K / 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* w = packed + b * kPackedOut * K;
+    __m512i sum[M][4];  // int64 lanes: outputs 0-7, 8-15, 16-23, 24-31 of the block
+    for (int m = 0; m < M; ++m)
+      for (int i = 0; i < 4; ++i) sum[m][i] = _mm512_setzero_si512();
+    for (int64_t p0 = 0; p0 < pairs; p0 += kFlushPairs) {
+      const int64_t p1 = std::min(pairs, p0 + kFlushPairs);
+      __m512i a[M][2];
+      for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = _mm512_setzero_si512();
+      for (int64_t p = p0; p < p1; ++p) {
+        const __m512i w0 = widen(w + p * 64), w1 = widen(w + p * 64 + 32);
+        for (int m = 0; m < M; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, xq + m * K + 2 * p, sizeof(pair));
+          const __m512i xv = _mm512_set1_epi32(pair);
+          a[m][0] = _mm512_dpwssd_epi32(a[m][0], xv, w0);
+          a[m][1] = _mm512_dpwssd_epi32(a[m][1], xv, w1);
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        add_to_int64(a[m][0], sum[m][0], sum[m][1]);
+        add_to_int64(a[m][1], sum[m][2], sum[m][3]);
+      }
+    }
+    const int64_t n0 = b * kPackedOut, live = std::min(kPackedOut, N - n0);
+    for (int m = 0; m < M; ++m) {
+      alignas(64) int64_t t[kPackedOut];
+      for (int i = 0; i < 4; ++i) _mm512_store_si512(t + 8 * i, sum[m][i]);
+      for (int64_t l = 0; l < live; ++l) y[m * N + n0 + l] = static_cast<float>(t[l]) * scale[n0 + l] * xs[m];
+    }
+  }
+}
+
 // x [M, K] fp32 -> int16 [M, K] with one scale per row (returned in xs)
 void quantize_rows_i16(const float* x, int16_t* xq, float* xs, int64_t M, int64_t K) {
   for (int64_t m = 0; m < M; ++m) {
@@ -167,21 +228,47 @@ void quantize_rows_i16(const float* x, int16_t* xq, float* xs, int64_t M, int64_
   }
 }
 
+template <template <int> class Kernel, typename... Args>
+void dispatch_rows(int64_t M, Args... args) {
+  switch (M) {
+    case 1: Kernel<1>::run(args...); break;
+    case 2: Kernel<2>::run(args...); break;
+    case 3: Kernel<3>::run(args...); break;
+    case 4: Kernel<4>::run(args...); break;
+    case 5: Kernel<5>::run(args...); break;
+    case 6: Kernel<6>::run(args...); break;
+    case 7: Kernel<7>::run(args...); break;
+    default: Kernel<8>::run(args...); break;
+  }
+}
+template <int M>
+struct RowsVnni {
+  static void run(const int16_t* xq, const float* xs, const int8_t* q, const float* s, float* y, int64_t N, int64_t K,
+                  int64_t group) {
+    rows_vnni<M>(xq, xs, q, s, y, N, K, group);
+  }
+};
+template <int M>
+struct PackedVnni {
+  static void run(const int16_t* xq, const float* xs, const int8_t* q, const float* s, float* y, int64_t N, int64_t K) {
+    packed_vnni<M>(xq, xs, q, s, y, N, K);
+  }
+};
+
 void int8_rows_vnni(const float* x, const int8_t* q, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
                     int64_t group) {
   std::vector<int16_t> xq(M * K);
   float xs[kMaxRows];
   quantize_rows_i16(x, xq.data(), xs, M, K);
-  switch (M) {
-    case 1: rows_vnni<1>(xq.data(), xs, q, scale, y, N, K, group); break;
-    case 2: rows_vnni<2>(xq.data(), xs, q, scale, y, N, K, group); break;
-    case 3: rows_vnni<3>(xq.data(), xs, q, scale, y, N, K, group); break;
-    case 4: rows_vnni<4>(xq.data(), xs, q, scale, y, N, K, group); break;
-    case 5: rows_vnni<5>(xq.data(), xs, q, scale, y, N, K, group); break;
-    case 6: rows_vnni<6>(xq.data(), xs, q, scale, y, N, K, group); break;
-    case 7: rows_vnni<7>(xq.data(), xs, q, scale, y, N, K, group); break;
-    default: rows_vnni<8>(xq.data(), xs, q, scale, y, N, K, group); break;
-  }
+  dispatch_rows<RowsVnni>(M, xq.data(), static_cast<const float*>(xs), q, scale, y, N, K, group);
+}
+
+void int8_packed_vnni(const float* x, const int8_t* packed, const float* scale, float* y, int64_t M, int64_t N,
+                      int64_t K) {
+  std::vector<int16_t> xq(M * K);
+  float xs[kMaxRows];
+  quantize_rows_i16(x, xq.data(), xs, M, K);
+  dispatch_rows<PackedVnni>(M, xq.data(), static_cast<const float*>(xs), packed, scale, y, N, K);
 }
 #endif
 
@@ -297,13 +384,37 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   return y;
 }
 
+#ifdef OPTPASS_VNNI
+// x [M, K] fp32, packed int8 [ceil(N / 32), K / 2, 32, 2] (`gemv_ops.pack_rows`), scale [N] (per channel)
+torch::Tensor gemv_int8_packed(torch::Tensor x, torch::Tensor packed, torch::Tensor scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "gemv_int8_packed: x must be 2-D float32");
+  TORCH_CHECK(x.size(0) <= kMaxRows, "gemv_int8_packed: at most ", kMaxRows, " rows");
+  const int64_t N = scale.numel(), K = x.size(1);
+  TORCH_CHECK(packed.scalar_type() == torch::kChar && packed.is_contiguous() && packed.dim() == 4 &&
+                  packed.size(0) == (N + kPackedOut - 1) / kPackedOut && packed.size(1) * 2 == K &&
+                  packed.size(2) == kPackedOut && packed.size(3) == 2,
+              "gemv_int8_packed: packed must be int8 [ceil(N / 32), K / 2, 32, 2]");
+  auto xc = x.contiguous(), sc = scale.contiguous().to(torch::kFloat);
+  auto y = torch::empty({x.size(0), N}, x.options());
+  int8_packed_vnni(xc.data_ptr<float>(), packed.data_ptr<int8_t>(), sc.data_ptr<float>(), y.data_ptr<float>(),
+                   x.size(0), N, K);
+  return y;
+}
+#endif
+
 // Registered with the dispatcher (no Python on the call path); fake impls are added from Python.
 TORCH_LIBRARY_FRAGMENT(optpass, m) {
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("dequant_bf16_(Tensor(a!) out, Tensor q, Tensor scale, Tensor? zero, int group_size) -> Tensor(a!)");
+#ifdef OPTPASS_VNNI  // defined only where its kernel exists: Python asks `hasattr(torch.ops.optpass, ...)`
+  m.def("gemv_int8_packed(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(optpass, CPU, m) {
   m.impl("gemv_int8", &gemv_int8);
   m.impl("dequant_bf16_", &dequant_bf16_);
+#ifdef OPTPASS_VNNI
+  m.impl("gemv_int8_packed", &gemv_int8_packed);
+#endif
 }

@@ -69,29 +69,32 @@ def attention_variant(name: str, op: Callable, rows: int) -> Variant:
                    note=f"{LAYERS} layers, {VALID} of {SLOTS} slots valid")
 
 
-def gemv_variant(rows: int, layout: str) -> Variant:
-    """layout: "packed" (per-channel, what Int8Linear runs on VNNI CPUs), "rows" (per-channel, the [N, K] layout)
-    or "g32" (group scales, [N, K] layout)."""
-    op = torch.ops.optpass.gemv_int8_packed if layout == "packed" else torch.ops.optpass.gemv_int8
+def gemv_variant(rows: int, scales: str, packed: bool) -> Variant:
+    """scales: "per-channel" or "g32"; packed: the packed layout (what Int8Linear runs on VNNI CPUs) or the
+    [N, K] row layout."""
+    grouped = scales == "g32"
 
-    def setup() -> list[tuple[torch.Tensor, ...]]:
+    def setup() -> list[tuple]:
         g = torch.Generator().manual_seed(0)
         out = []
         for n, k in LINEARS * LAYERS + [HEAD]:
             q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-            scale = torch.rand(n, k // 32, generator=g) if layout == "g32" else torch.rand(n, generator=g)
-            weight = gemv_ops.pack_rows(q) if layout == "packed" else q
-            out.append((torch.randn(rows, k, generator=g), weight, scale))
+            scale = torch.rand(n, k // 32, generator=g) if grouped else torch.rand(n, generator=g)
+            if packed:
+                q, scale = gemv_ops.pack_rows(q), gemv_ops.pack_group_scales(scale, 32) if grouped else scale
+            out.append((torch.randn(rows, k, generator=g), q, scale, n))
         return out
 
-    def measure(calls: list[tuple[torch.Tensor, ...]]) -> dict[str, float]:
+    def measure(calls: list[tuple]) -> dict[str, float]:
         start = time.perf_counter()
-        for x, weight, scale in calls:
-            op(x, weight, scale)
+        for x, weight, scale, n in calls:
+            if packed:
+                torch.ops.optpass.gemv_int8_packed(x, weight, scale, n)
+            else:
+                torch.ops.optpass.gemv_int8(x, weight, scale)
         return {"step_ms": (time.perf_counter() - start) * 1e3}
 
-    name = {"packed": "per-channel packed", "rows": "per-channel rows", "g32": "g32 rows"}[layout]
-    return Variant(f"gemv_int8 {name} rows={rows}", setup, measure,
+    return Variant(f"gemv_int8 {scales} {'packed' if packed else 'rows'} rows={rows}", setup, measure,
                    note="every linear of a SmolLM2 decode step, int8 weights")
 
 
@@ -108,8 +111,9 @@ def main() -> None:
     if args.attention_baseline:
         ops["decode_attention baseline"] = build_baseline(args.attention_baseline)
     variants = [attention_variant(name, op, rows) for rows in (1, 6) for name, op in ops.items()]
-    layouts = ("packed", "rows", "g32") if gemv_ops.packed_available() else ("rows", "g32")
-    variants += [gemv_variant(rows, layout) for layout in layouts for rows in ROWS]
+    layouts = (True, False) if gemv_ops.packed_available() else (False,)
+    variants += [gemv_variant(rows, scales, packed) for scales in ("per-channel", "g32") for packed in layouts
+                 for rows in ROWS]
     run_scenario("verify_kernels_smollm2", variants, rounds=args.rounds,
                  extra={"attention_baseline": str(args.attention_baseline) if args.attention_baseline else None})
 

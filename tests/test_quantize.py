@@ -101,17 +101,44 @@ def test_packed_gemv_is_bit_identical_to_the_row_layout_and_row_exact(n, k):
     assert packed.shape == (-(-n // 32), k // 2, 32, 2)
     for rows in (1, 6, 8):
         x = torch.randn(rows, k, generator=g) * 3
-        got = torch.ops.optpass.gemv_int8_packed(x, packed, scale)
+        got = torch.ops.optpass.gemv_int8_packed(x, packed, scale, n)
         assert torch.equal(got, torch.ops.optpass.gemv_int8(x, q, scale))  # same integer sums
         for i in range(rows):  # a verify step's row i is the one-row step at that position
-            assert torch.equal(got[i:i + 1], torch.ops.optpass.gemv_int8_packed(x[i:i + 1], packed, scale))
+            assert torch.equal(got[i:i + 1], torch.ops.optpass.gemv_int8_packed(x[i:i + 1], packed, scale, n))
         ref = x.double() @ (q.double() * scale.double()[:, None]).T
         torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
     # the worst case for int32 lanes: every product at its largest, one sign, K past several flushes
     x = torch.full((1, k), 7.0)
     big = torch.full((n, k), 127, dtype=torch.int8)
-    got = torch.ops.optpass.gemv_int8_packed(x, gemv_ops.pack_rows(big), torch.ones(n))
+    got = torch.ops.optpass.gemv_int8_packed(x, gemv_ops.pack_rows(big), torch.ones(n), n)
     torch.testing.assert_close(got, torch.full((1, n), 7.0 * 127 * k), rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not gemv_ops.packed_available(), reason="the packed GEMV needs AVX-512 VNNI")
+@pytest.mark.parametrize("n, k, group", [(96, 256, 32), (50, 640, 64), (33, 512, 256)])
+def test_packed_grouped_gemv_matches_the_dequantized_product_and_is_row_exact(n, k, group):
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, k // group, generator=g) / 100
+    packed, packed_scale = gemv_ops.pack_rows(q), gemv_ops.pack_group_scales(scale, group)
+    assert packed_scale.shape == (-(-n // 32), k // group, 32)
+    x = torch.randn(6, k, generator=g) * 3
+    got = torch.ops.optpass.gemv_int8_packed(x, packed, packed_scale, n)
+    ref = x.double() @ (q.double() * scale.double().repeat_interleave(group, 1)).T
+    torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
+    for i in range(6):
+        assert torch.equal(got[i:i + 1], torch.ops.optpass.gemv_int8_packed(x[i:i + 1], packed, packed_scale, n))
+    assert gemv_ops.pack_group_scales(scale[:, :1], 512) is None  # past the kernel's int32 lane bound
+
+
+def test_int8_linear_decodes_through_the_packed_kernel_with_group_scales(linear):
+    module = Int8Linear.from_linear(linear, group_size=32)
+    if gemv_ops.packed_available():
+        assert "optpass.gemv_int8_packed" in _ops(module, rows=3)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), F.linear(x, module.dequantized_weight(), linear.bias),
+                                   rtol=1e-3, atol=1e-3)
 
 
 def test_pack_rows_declines_odd_inputs():

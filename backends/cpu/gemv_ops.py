@@ -68,8 +68,8 @@ def _register_fakes() -> None:
 
     if hasattr(torch.ops.optpass, "gemv_int8_packed"):  # not packed_available(): the build is not recorded yet
         @torch.library.register_fake("optpass::gemv_int8_packed")
-        def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-            return x.new_empty((x.shape[0], scale.shape[0]), dtype=torch.float32)
+        def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+            return x.new_empty((x.shape[0], n), dtype=torch.float32)
 
 
 PACKED_OUT = 32  # output channels per block of the packed layout (two 16-lane vectors)
@@ -90,3 +90,18 @@ def pack_rows(q: torch.Tensor) -> torch.Tensor | None:
     padded = q.new_zeros(blocks * PACKED_OUT, k)
     padded[:n] = q
     return padded.view(blocks, PACKED_OUT, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+MAX_PACKED_GROUP = 256  # inputs per group the packed kernel sums in int32 lanes before scaling
+
+
+def pack_group_scales(scale: torch.Tensor, group: int) -> torch.Tensor | None:
+    """Group scales [N, K / group] -> [ceil(N / 32), K / group, 32], laid out like `pack_rows`' blocks (zero past
+    N). None where the packed kernel cannot take the group size."""
+    if group % 2 or group > MAX_PACKED_GROUP:
+        return None
+    n, groups = scale.shape
+    blocks = -(-n // PACKED_OUT)
+    padded = scale.new_zeros(blocks * PACKED_OUT, groups, dtype=torch.float32)
+    padded[:n] = scale
+    return padded.view(blocks, PACKED_OUT, groups).transpose(1, 2).contiguous()

@@ -165,7 +165,9 @@ class Int8Linear(QuantizedLinear):
 
     @property
     def decode_tensors(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("qweight" if self.kernel_gemv is None else "kernel_gemv", "scale")
+        if self.kernel_gemv is None:
+            return ("qweight", "scale")
+        return ("kernel_gemv", "scale" if self.kernel_gemv_scale is None else "kernel_gemv_scale")
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  act_dtype: torch.dtype = torch.bfloat16, w8a8_min_rows: int | None = None,
@@ -190,10 +192,13 @@ class Int8Linear(QuantizedLinear):
                              persistent=False)
         # decode rows read a packed copy (output channels in vector lanes) where that kernel exists: one more
         # byte per weight in memory, but a verify step's rows cost far less than in the row layout
-        packed = None
-        if self.use_gemv and not self.group_size and gemv_ops.packed_available():
-            packed = gemv_ops.pack_rows(self.qweight)
+        packed, scale = None, None
+        if self.use_gemv and gemv_ops.packed_available():
+            if self.group_size:
+                scale = gemv_ops.pack_group_scales(self.scale, self.group_size)
+            packed = gemv_ops.pack_rows(self.qweight) if scale is not None or not self.group_size else None
         self.register_buffer("kernel_gemv", packed, persistent=False)
+        self.register_buffer("kernel_gemv_scale", scale, persistent=False)  # group scales, packed alike
         t = self.qweight.t().contiguous() if self.w8a8_min_rows else None
         self.register_buffer("qweight_t", t, persistent=False)
 
@@ -211,7 +216,8 @@ class Int8Linear(QuantizedLinear):
             return torch.ops.optpass.int8_weight_only_linear(x2d.to(self.act_dtype), self.qweight, self.scale, None)
         if rows <= gemv_ops.MAX_ROWS and self.use_gemv:
             if self.kernel_gemv is not None:
-                return torch.ops.optpass.gemv_int8_packed(x2d.float(), self.kernel_gemv, self.scale)
+                scale = self.scale if self.kernel_gemv_scale is None else self.kernel_gemv_scale
+                return torch.ops.optpass.gemv_int8_packed(x2d.float(), self.kernel_gemv, scale, self.out_features)
             return torch.ops.optpass.gemv_int8(x2d.float(), self.qweight, self.scale)
         if self.w8a8_min_rows is not None and rows >= self.w8a8_min_rows:
             return self._w8a8(x2d)

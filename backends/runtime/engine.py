@@ -83,7 +83,8 @@ class DecodeEngine:
         self.last_timing: dict[str, float] = {}
         # per batch size: a verify step's time in one-token steps, as the last call that drafted measured it.
         # The plan's ratio is a batch-1 estimate; at larger batches a verify has fewer drafts (row budget) and
-        # costs relatively more, so this is what decides there
+        # costs relatively more. A call starts its gate from this; where it says even full acceptance cannot
+        # pay, the gate starts off and only probes (a stale or compile-inflated figure costs a probe, no more)
         self.verify_cost_seen: dict[int, float] = {}
 
     def fits(self, prompt: int, new: int) -> bool:
@@ -99,10 +100,6 @@ class DecodeEngine:
             return None, "no room in the static cache for a draft"
         if self.draft_length(batch) < 1:
             return None, f"batch {batch} leaves no room for a draft in the decode kernels' {self._rows()} rows"
-        seen, width = self.verify_cost_seen.get(batch), self.draft_length(batch) + 1
-        if seen is not None and seen >= width:
-            return None, (f"at batch {batch} a verify step of {width} tokens measured {seen:.2f}x a one-token step: "
-                          "drafting cannot pay even if every draft is accepted")
         options = {k: v for k, v in self.plan.proposer.items() if k not in ("kind", "draft", "verify_cost", "max_rows")}
         return make_proposer(self.plan.proposer["kind"], self.model.config.vocab_size, **options), ""
 
@@ -202,7 +199,9 @@ class DecodeEngine:
         step_for, mask_length = self._select(batch, prompt, prompt + new, k)
         gate = None
         if proposer is not None:  # starts from what this batch size measured before, else the plan's estimate
-            gate = DraftGate(self.verify_cost_seen.get(batch, float(self.plan.proposer.get("verify_cost", 1.5))))
+            seen = self.verify_cost_seen.get(batch)
+            ratio = seen if seen is not None else float(self.plan.proposer.get("verify_cost", 1.5))
+            gate = DraftGate(ratio, start_off=ratio >= k + 1)
         self.cache.reset()
         if self.skip:  # the prefill decides per token (eager); steps force off what the whole batch skips
             self._skip_stage(None)

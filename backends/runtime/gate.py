@@ -4,18 +4,23 @@ pass measured on this machine, then follows the times and acceptance it observes
 stops paying (open-ended text, a batch whose rows rarely all agree) it turns drafting off and re-tries one
 draft after `probe` steps, so a later stretch that copies its input turns it back on. Each probe that does not
 pay doubles the wait for the next (up to `max_probe` steps): a verify step can cost 2x a plain one, and a probe
-every 8 steps of text that never repeats would cost ~10%."""
+every 8 steps of text that never repeats would cost ~10%. With `start_off` (the starting ratio says even full
+acceptance cannot pay: a batch size whose verify step measured too costly before) the first drafts are not tried
+either: the gate starts in the probing state."""
 
 from __future__ import annotations
 
 
 class DraftGate:
-    def __init__(self, ratio: float, probe: int = 8, decay: float = 0.8, max_probe: int = 128) -> None:
+    def __init__(self, ratio: float, probe: int = 8, decay: float = 0.8, max_probe: int = 128,
+                 start_off: bool = False) -> None:
         self.ratio, self.probe, self.decay, self.max_probe = ratio, probe, decay, max_probe
         self.interval = probe  # steps until the next probe
         self.plain_s: float | None = None
         self.verify_s: float | None = None
-        self.tokens = 1.0 + ratio  # optimistic until measured: the first drafts are tried
+        self.first_tries = 0 if start_off else 2
+        # optimistic until measured (the first drafts are tried), or the model's own token only when starting off
+        self.tokens = 1.0 if start_off else 1.0 + ratio
         self.verifies = 0
         self.since_probe = 0
 
@@ -23,7 +28,7 @@ class DraftGate:
         return new if old is None else self.decay * old + (1 - self.decay) * new
 
     def want(self) -> bool:
-        if self.verifies < 2 or self.tokens >= self.cost():
+        if self.verifies < self.first_tries or self.tokens >= self.cost():
             self.interval = self.probe  # paying: probes return to their base rate once it stops
             return True
         self.since_probe += 1

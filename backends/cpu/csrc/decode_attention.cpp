@@ -134,7 +134,7 @@ inline __m512 exp_nonpositive16(__m512 x) {
 // same exp, values accumulated in slot order. Slots hidden from every row are not read; a slot hidden from
 // one row only is computed for it and then discarded lane-wise (blend / masked FMA), never mixed into another
 // lane, so the result of a row never depends on RB or on the other rows.
-template <int RB>
+template <int RB, int DB>  // DB: D / 16 when known at compile time (queries then stay in registers), else 0
 inline void chunk_rows_avx512(const float* const* qr, const float* kb, const float* vb, int64_t ks2, int64_t vs2,
                               const bool* const* mr, int64_t ms3, int64_t n, int64_t D, float sc, float cap,
                               float* const* s, float* const* out) {
@@ -143,6 +143,10 @@ inline void chunk_rows_avx512(const float* const* qr, const float* kb, const flo
   __m512 mx[RB];
   for (int r = 0; r < RB; ++r) mx[r] = ninf;
   __m512 part[RB][16];  // per row, per slot of the block: the partial products of one score
+  __m512 qv[RB][DB > 0 ? DB : 1];
+  if constexpr (DB > 0)
+    for (int r = 0; r < RB; ++r)
+      for (int i = 0; i < DB; ++i) qv[r][i] = _mm512_loadu_ps(qr[r] + 16 * i);
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t w = std::min<int64_t>(16, n - j0);
     __mmask16 valid[RB], any = 0;
@@ -156,9 +160,16 @@ inline void chunk_rows_avx512(const float* const* qr, const float* kb, const flo
       for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
       if (any >> t & 1) {
         const float* kr = kb + (j0 + t) * ks2;
-        for (int64_t d = 0; d < D; d += 16) {
-          const __m512 kd = _mm512_loadu_ps(kr + d);
-          for (int r = 0; r < RB; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qr[r] + d), kd, acc[r]);
+        if constexpr (DB > 0) {
+          for (int i = 0; i < DB; ++i) {
+            const __m512 kd = _mm512_loadu_ps(kr + 16 * i);
+            for (int r = 0; r < RB; ++r) acc[r] = _mm512_fmadd_ps(qv[r][i], kd, acc[r]);
+          }
+        } else {
+          for (int64_t d = 0; d < D; d += 16) {
+            const __m512 kd = _mm512_loadu_ps(kr + d);
+            for (int r = 0; r < RB; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qr[r] + d), kd, acc[r]);
+          }
         }
       }
       for (int r = 0; r < RB; ++r) part[r][t] = acc[r];
@@ -238,7 +249,11 @@ inline void chunk_all_rows_avx512(int64_t R, const float* const* qr, const float
     const int64_t rb = std::min<int64_t>(kRowBlock, R - r0);
     const auto call = [&](auto tag) {
       constexpr int kRows = decltype(tag)::value;
-      chunk_rows_avx512<kRows>(qr + r0, kb, vb, ks2, vs2, mr + r0, ms3, n, D, sc, cap, s + r0, out + r0);
+      if (D == 64) {  // SmolLM2 / Llama head size: the queries' 4 vectors per row stay in registers
+        chunk_rows_avx512<kRows, 4>(qr + r0, kb, vb, ks2, vs2, mr + r0, ms3, n, D, sc, cap, s + r0, out + r0);
+      } else {
+        chunk_rows_avx512<kRows, 0>(qr + r0, kb, vb, ks2, vs2, mr + r0, ms3, n, D, sc, cap, s + r0, out + r0);
+      }
     };
     switch (rb) {
       case 1: call(std::integral_constant<int, 1>{}); break;

@@ -241,6 +241,48 @@ void dispatch_rows(int64_t M, Args... args) {
     default: Kernel<8>::run(args...); break;
   }
 }
+// The packed layout with a scale per `group` inputs (% 2 == 0, <= 2 * kFlushPairs): scales packed alike,
+// [blocks, K / group, kPackedOut] (`gemv_ops.pack_group_scales`). Each group's exact integer sum per output is
+// scaled into float lanes, groups in order: the same operations for a row whatever M is.
+template <int M>
+void packed_grouped_vnni(const int16_t* xq, const float* xs, const int8_t* packed, const float* scale, float* y,
+                         int64_t N, int64_t K, int64_t group) {
+  const int64_t blocks = (N + kPackedOut - 1) / kPackedOut, groups = K / group, half = group / 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* w = packed + b * kPackedOut * K;
+    const float* sb = scale + b * groups * kPackedOut;
+    __m512 f[M][2];
+    for (int m = 0; m < M; ++m) f[m][0] = f[m][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i a[M][2];
+      for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = _mm512_setzero_si512();
+      for (int64_t p = g * half; p < (g + 1) * half; ++p) {
+        const __m512i w0 = widen(w + p * 64), w1 = widen(w + p * 64 + 32);
+        for (int m = 0; m < M; ++m) {
+          int32_t pair;
+          std::memcpy(&pair, xq + m * K + 2 * p, sizeof(pair));
+          const __m512i xv = _mm512_set1_epi32(pair);
+          a[m][0] = _mm512_dpwssd_epi32(a[m][0], xv, w0);
+          a[m][1] = _mm512_dpwssd_epi32(a[m][1], xv, w1);
+        }
+      }
+      const __m512 s0 = _mm512_loadu_ps(sb + g * kPackedOut), s1 = _mm512_loadu_ps(sb + g * kPackedOut + 16);
+      for (int m = 0; m < M; ++m) {
+        f[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][0]), s0, f[m][0]);
+        f[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][1]), s1, f[m][1]);
+      }
+    }
+    const int64_t n0 = b * kPackedOut, live = std::min(kPackedOut, N - n0);
+    for (int m = 0; m < M; ++m) {
+      alignas(64) float t[kPackedOut];
+      _mm512_store_ps(t, f[m][0]);
+      _mm512_store_ps(t + 16, f[m][1]);
+      for (int64_t l = 0; l < live; ++l) y[m * N + n0 + l] = t[l] * xs[m];
+    }
+  }
+}
+
 template <int M>
 struct RowsVnni {
   static void run(const int16_t* xq, const float* xs, const int8_t* q, const float* s, float* y, int64_t N, int64_t K,
@@ -250,8 +292,13 @@ struct RowsVnni {
 };
 template <int M>
 struct PackedVnni {
-  static void run(const int16_t* xq, const float* xs, const int8_t* q, const float* s, float* y, int64_t N, int64_t K) {
-    packed_vnni<M>(xq, xs, q, s, y, N, K);
+  static void run(const int16_t* xq, const float* xs, const int8_t* q, const float* s, float* y, int64_t N, int64_t K,
+                  int64_t group) {
+    if (group) {
+      packed_grouped_vnni<M>(xq, xs, q, s, y, N, K, group);
+    } else {
+      packed_vnni<M>(xq, xs, q, s, y, N, K);
+    }
   }
 };
 
@@ -264,11 +311,11 @@ void int8_rows_vnni(const float* x, const int8_t* q, const float* scale, float* 
 }
 
 void int8_packed_vnni(const float* x, const int8_t* packed, const float* scale, float* y, int64_t M, int64_t N,
-                      int64_t K) {
+                      int64_t K, int64_t group) {
   std::vector<int16_t> xq(M * K);
   float xs[kMaxRows];
   quantize_rows_i16(x, xq.data(), xs, M, K);
-  dispatch_rows<PackedVnni>(M, xq.data(), static_cast<const float*>(xs), packed, scale, y, N, K);
+  dispatch_rows<PackedVnni>(M, xq.data(), static_cast<const float*>(xs), packed, scale, y, N, K, group);
 }
 #endif
 
@@ -385,19 +432,30 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
 }
 
 #ifdef OPTPASS_VNNI
-// x [M, K] fp32, packed int8 [ceil(N / 32), K / 2, 32, 2] (`gemv_ops.pack_rows`), scale [N] (per channel)
-torch::Tensor gemv_int8_packed(torch::Tensor x, torch::Tensor packed, torch::Tensor scale) {
+// x [M, K] fp32, packed int8 [ceil(N / 32), K / 2, 32, 2] (`gemv_ops.pack_rows`), and either scale [N] (per
+// channel) or packed group scales [ceil(N / 32), K / group, 32] (`gemv_ops.pack_group_scales`)
+torch::Tensor gemv_int8_packed(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, int64_t n) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "gemv_int8_packed: x must be 2-D float32");
   TORCH_CHECK(x.size(0) <= kMaxRows, "gemv_int8_packed: at most ", kMaxRows, " rows");
-  const int64_t N = scale.numel(), K = x.size(1);
+  const int64_t N = n, K = x.size(1), blocks = (n + kPackedOut - 1) / kPackedOut;
   TORCH_CHECK(packed.scalar_type() == torch::kChar && packed.is_contiguous() && packed.dim() == 4 &&
-                  packed.size(0) == (N + kPackedOut - 1) / kPackedOut && packed.size(1) * 2 == K &&
-                  packed.size(2) == kPackedOut && packed.size(3) == 2,
+                  packed.size(0) == blocks && packed.size(1) * 2 == K && packed.size(2) == kPackedOut &&
+                  packed.size(3) == 2,
               "gemv_int8_packed: packed must be int8 [ceil(N / 32), K / 2, 32, 2]");
+  int64_t group = 0;
+  if (scale.dim() == 3) {
+    TORCH_CHECK(scale.size(0) == blocks && scale.size(2) == kPackedOut && scale.size(1) > 0 && K % scale.size(1) == 0,
+                "gemv_int8_packed: group scales must be [ceil(N / 32), K / group, 32]");
+    group = K / scale.size(1);
+    TORCH_CHECK(group % 2 == 0 && group <= 2 * kFlushPairs, "gemv_int8_packed: group size ", group,
+                " must be even and at most ", 2 * kFlushPairs);
+  } else {
+    TORCH_CHECK(scale.numel() == N, "gemv_int8_packed: per-channel scale must have N entries");
+  }
   auto xc = x.contiguous(), sc = scale.contiguous().to(torch::kFloat);
   auto y = torch::empty({x.size(0), N}, x.options());
   int8_packed_vnni(xc.data_ptr<float>(), packed.data_ptr<int8_t>(), sc.data_ptr<float>(), y.data_ptr<float>(),
-                   x.size(0), N, K);
+                   x.size(0), N, K, group);
   return y;
 }
 #endif
@@ -407,7 +465,7 @@ TORCH_LIBRARY_FRAGMENT(optpass, m) {
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("dequant_bf16_(Tensor(a!) out, Tensor q, Tensor scale, Tensor? zero, int group_size) -> Tensor(a!)");
 #ifdef OPTPASS_VNNI  // defined only where its kernel exists: Python asks `hasattr(torch.ops.optpass, ...)`
-  m.def("gemv_int8_packed(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+  m.def("gemv_int8_packed(Tensor x, Tensor packed, Tensor scale, int n) -> Tensor");
 #endif
 }
 

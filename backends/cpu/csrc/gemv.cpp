@@ -179,6 +179,23 @@ inline void add_to_int64(__m512i a, __m512i& lo, __m512i& hi) {
   hi = _mm512_add_epi64(hi, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(a, 1)));
 }
 
+// a[m] = int32 lanes of sum over input pairs [p0, p1) of one packed block for each of M rows: outputs 0-15 in
+// a[m][0], 16-31 in a[m][1]
+template <int M>
+inline void pair_sums(const int16_t* xq, int64_t K, const int8_t* w, int64_t p0, int64_t p1, __m512i (*a)[2]) {
+  for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = _mm512_setzero_si512();
+  for (int64_t p = p0; p < p1; ++p) {
+    const __m512i w0 = widen(w + p * 64), w1 = widen(w + p * 64 + 32);
+    for (int m = 0; m < M; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, xq + m * K + 2 * p, sizeof(pair));
+      const __m512i xv = _mm512_set1_epi32(pair);
+      a[m][0] = _mm512_dpwssd_epi32(a[m][0], xv, w0);
+      a[m][1] = _mm512_dpwssd_epi32(a[m][1], xv, w1);
+    }
+  }
+}
+
 template <int M>
 void packed_vnni(const int16_t* xq, const float* xs, const int8_t* packed, const float* scale, float* y, int64_t N,
                  int64_t K) {
@@ -192,17 +209,7 @@ void packed_vnni(const int16_t* xq, const float* xs, const int8_t* packed, const
     for (int64_t p0 = 0; p0 < pairs; p0 += kFlushPairs) {
       const int64_t p1 = std::min(pairs, p0 + kFlushPairs);
       __m512i a[M][2];
-      for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = _mm512_setzero_si512();
-      for (int64_t p = p0; p < p1; ++p) {
-        const __m512i w0 = widen(w + p * 64), w1 = widen(w + p * 64 + 32);
-        for (int m = 0; m < M; ++m) {
-          int32_t pair;
-          std::memcpy(&pair, xq + m * K + 2 * p, sizeof(pair));
-          const __m512i xv = _mm512_set1_epi32(pair);
-          a[m][0] = _mm512_dpwssd_epi32(a[m][0], xv, w0);
-          a[m][1] = _mm512_dpwssd_epi32(a[m][1], xv, w1);
-        }
-      }
+      pair_sums<M>(xq, K, w, p0, p1, a);
       for (int m = 0; m < M; ++m) {
         add_to_int64(a[m][0], sum[m][0], sum[m][1]);
         add_to_int64(a[m][1], sum[m][2], sum[m][3]);
@@ -256,17 +263,7 @@ void packed_grouped_vnni(const int16_t* xq, const float* xs, const int8_t* packe
     for (int m = 0; m < M; ++m) f[m][0] = f[m][1] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       __m512i a[M][2];
-      for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = _mm512_setzero_si512();
-      for (int64_t p = g * half; p < (g + 1) * half; ++p) {
-        const __m512i w0 = widen(w + p * 64), w1 = widen(w + p * 64 + 32);
-        for (int m = 0; m < M; ++m) {
-          int32_t pair;
-          std::memcpy(&pair, xq + m * K + 2 * p, sizeof(pair));
-          const __m512i xv = _mm512_set1_epi32(pair);
-          a[m][0] = _mm512_dpwssd_epi32(a[m][0], xv, w0);
-          a[m][1] = _mm512_dpwssd_epi32(a[m][1], xv, w1);
-        }
-      }
+      pair_sums<M>(xq, K, w, g * half, (g + 1) * half, a);
       const __m512 s0 = _mm512_loadu_ps(sb + g * kPackedOut), s1 = _mm512_loadu_ps(sb + g * kPackedOut + 16);
       for (int m = 0; m < M; ++m) {
         f[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][0]), s0, f[m][0]);

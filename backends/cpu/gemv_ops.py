@@ -4,7 +4,7 @@ y[M, N] = x[M, K] @ dequant(W)[N, K].T with fp32 activations and M <= 8 (decode 
 `optpass::gemv_int8_packed` is the same product on a packed copy of W (`pack_rows`: output channels in vector
 lanes) for AVX-512 VNNI CPUs: bit-identical results (exact integer sums in both), and a verify step's rows
 cost far less (`benchmarks/verify_kernels.py`: ~27% less at 6 rows, ~34% at 8), since the row layout spends
-its time on per-output horizontal sums and per-row activation reloads; one row is no slower.
+its time on per-output horizontal sums and per-row activation reloads; one row is no slower within noise.
 PyTorch's `_weight_int8pack_mm` streams cold weights at ~12 GB/s on the 2-core AVX-512 machine of
 shared/PEERS.md; `csrc/gemv.cpp` (four independent accumulators) reaches ~18-24 GB/s. (An int4 variant was slower than
 aten's tinygemm kernel on this Zen 4 CPU, so int4 uses tinygemm.) The op is

@@ -301,6 +301,7 @@ def test_engine_starts_a_batch_size_whose_verify_measured_too_costly_with_drafti
     model = tiny_llama().eval()
     engine = DecodeEngine(model, _plan("prompt_lookup"), compile=False)
     batch = _repeating_prompts(1, batch=4, seed=3)[0]
+    engine.generate(batch, 12)  # makes the steps (their first calls are not timed)
     engine.generate(batch, 12)
     first = engine.last_timing["verify_steps"]
     assert first > 0 and 4 in engine.verify_cost_seen
@@ -316,5 +317,47 @@ def test_engine_starts_a_batch_size_whose_verify_measured_too_costly_with_drafti
 def test_gate_started_off_only_probes():
     from optpass.backends.runtime.gate import DraftGate
 
-    wants = _drive(DraftGate(ratio=2.5, start_off=True, probe=8), 40, emitted=2, verify_s=2.5)
-    assert not any(wants[:7]) and wants[7]  # no first tries: the first draft is the probe after 8 steps
+    wants = _drive(DraftGate(ratio=2.5, start_off=True, probe=8, max_probe=32), 40, emitted=2, verify_s=2.5)
+    # no first tries, and the first probe only after the longest interval: it can only re-measure the cost
+    assert not any(wants[:31]) and wants[31]
+
+
+def test_gate_does_not_time_a_step_whose_graph_is_made_on_that_call(monkeypatch):
+    """A step's first call compiles (minutes on a real model); timed, it would make drafting look ruinous for
+    the rest of the call and start the next call at that batch off."""
+    import time as _time
+
+    from optpass.backends.runtime import engine as engine_module
+    from optpass.backends.runtime.gate import DraftGate
+
+    timed: list[float] = []
+
+    class RecordingGate(DraftGate):
+        def record_plain(self, seconds: float) -> None:
+            timed.append(seconds)
+            super().record_plain(seconds)
+
+        def record_verify(self, seconds: float, emitted: int) -> None:
+            timed.append(seconds)
+            super().record_verify(seconds, emitted)
+
+    monkeypatch.setattr(engine_module, "DraftGate", RecordingGate)
+    model = tiny_llama().eval()
+    engine = DecodeEngine(model, _plan("prompt_lookup"), compile=False)
+    make_step = engine._make_step
+
+    def slow_first_call(cache):
+        step, calls = make_step(cache), []
+
+        def run(*args):
+            if not calls:
+                _time.sleep(0.3)  # as a compile would
+            calls.append(1)
+            return step(*args)
+        return run
+
+    engine._make_step = slow_first_call
+    engine.generate(_repeating_prompts(1, seed=5)[0], 24)
+    steps = engine.last_timing["decode_steps"] - engine.last_timing["accepted_drafts"]
+    assert engine.last_timing["verify_steps"] > 1 and len(timed) == steps - 2  # all but each width's first
+    assert max(timed) < 0.3

@@ -86,6 +86,7 @@ class DecodeEngine:
         # costs relatively more. A call starts its gate from this; where it says even full acceptance cannot
         # pay, the gate starts off and only probes (a stale or compile-inflated figure costs a probe, no more)
         self.verify_cost_seen: dict[int, float] = {}
+        self.step_was_new = False  # set when a step graph is made: its first call compiles and is not timed
 
     def fits(self, prompt: int, new: int) -> bool:
         return self.kv_settings is not None or prompt + new <= self.plan.max_cache_len
@@ -169,6 +170,7 @@ class DecodeEngine:
         def step_for(width: int, stage: int = 0) -> Callable:
             if (width, stage) not in steps:  # each width and skip stage its own compiled graph (guards are skipped)
                 steps[width, stage] = self._make_step(self.cache)
+                self.step_was_new = True
             return steps[width, stage]
 
         return step_for, masked
@@ -244,6 +246,7 @@ class DecodeEngine:
                 break
             remaining = new - (out.shape[1] - prompt)
             t0 = time.perf_counter()  # the gate weighs whole iterations: proposing, verifying, rolling back
+            self.step_was_new = False
             draft = proposer.propose(out, k) if gate is not None and remaining > 1 and gate.want() else None
             width = 1 if draft is None else k + 1
             # contiguous: the compiled step assumes its inputs' strides (guards are skipped)
@@ -272,7 +275,8 @@ class DecodeEngine:
             if gate is not None:
                 proposer.observe(inputs[:, :width], logits[:, :width])
                 seconds = time.perf_counter() - t0
-                gate.record_plain(seconds) if draft is None else gate.record_verify(seconds, width)
+                if not self.step_was_new:  # a compile's minutes would turn drafting off for the whole call
+                    gate.record_plain(seconds) if draft is None else gate.record_verify(seconds, width)
             cached += width
             valid += width
         if self.skip:

@@ -6,7 +6,9 @@ draft after `probe` steps, so a later stretch that copies its input turns it bac
 pay doubles the wait for the next (up to `max_probe` steps): a verify step can cost 2x a plain one, and a probe
 every 8 steps of text that never repeats would cost ~10%. With `start_off` (the starting ratio says even full
 acceptance cannot pay: a batch size whose verify step measured too costly before) the first drafts are not tried
-either: the gate starts in the probing state."""
+and the gate starts at its longest probe interval: a probe there can only re-measure the cost (every draft it
+could accept still loses), and one every 8 steps cost ~4% at batch 4 on open-ended text. Steps whose graph
+compiles on that call are not timed (the engine's `step_was_new`), so a start-off figure is a measured one."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ class DraftGate:
     def __init__(self, ratio: float, probe: int = 8, decay: float = 0.8, max_probe: int = 128,
                  start_off: bool = False) -> None:
         self.ratio, self.probe, self.decay, self.max_probe = ratio, probe, decay, max_probe
-        self.interval = probe  # steps until the next probe
+        self.interval = max_probe if start_off else probe  # steps until the next probe
         self.plain_s: float | None = None
         self.verify_s: float | None = None
         self.first_tries = 0 if start_off else 2

@@ -30,6 +30,7 @@ namespace {
 constexpr int64_t kChunk = 256;
 static_assert(kChunk % 16 == 0, "the AVX-512 path stores whole 16-slot blocks into a kChunk buffer");
 constexpr int kLanes = 16;
+constexpr int64_t kTaskRows = 6;  // query rows per parallel task (the AVX-512 path's row block)
 
 // sum_d a[d] * b[d] with kLanes independent partial sums, added in a fixed order
 inline float dot(const float* a, const float* b, int64_t D) {
@@ -127,6 +128,21 @@ inline __m512 exp_nonpositive16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
+// bit t = mask[t * stride] for t < w (w <= 16): one masked byte load where slots are contiguous (the usual
+// case), where one test per slot cost ~3 instructions x 16 slots x every row of every block
+inline __mmask16 slot_bits(const bool* m, int64_t stride, int64_t w) {
+  const __mmask16 lanes = static_cast<__mmask16>(w >= 16 ? 0xFFFFu : (1u << w) - 1u);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  if (stride == 1) {
+    const __m128i bytes = _mm_maskz_loadu_epi8(lanes, m);  // lanes past w are not read
+    return _mm_mask_test_epi8_mask(lanes, bytes, bytes);
+  }
+#endif
+  __mmask16 bits = 0;
+  for (int64_t t = 0; t < w; ++t) bits |= static_cast<__mmask16>(m[t * stride] ? 1u << t : 0u);
+  return bits;
+}
+
 // RB query rows against one chunk of n (<= kChunk) slots, D % 16 == 0: writes each row's running max, sum of
 // weights and weighted values [D] to out[r]. Each key and value row is loaded once for all RB rows (a verify
 // step's rows and a KV head's query heads share them), but every row still gets exactly the one-row operations:
@@ -151,8 +167,7 @@ inline void chunk_rows_avx512(const float* const* qr, const float* kb, const flo
     const int64_t w = std::min<int64_t>(16, n - j0);
     __mmask16 valid[RB], any = 0;
     for (int r = 0; r < RB; ++r) {
-      valid[r] = 0;
-      for (int64_t t = 0; t < w; ++t) valid[r] |= static_cast<__mmask16>(mr[r][(j0 + t) * ms3] ? 1u << t : 0u);
+      valid[r] = slot_bits(mr[r] + j0 * ms3, ms3, w);
       any |= valid[r];
     }
     for (int t = 0; t < 16; ++t) {
@@ -239,7 +254,7 @@ inline void chunk_rows_avx512(const float* const* qr, const float* kb, const flo
   }
 }
 
-constexpr int kRowBlock = 6;  // rows per pass over a chunk: 6 x 4 value accumulators + 4 value vectors in registers
+constexpr int kRowBlock = kTaskRows;  // rows per pass over a chunk: 6 x 4 value accumulators + 4 value vectors in registers
 
 // rows [0, R) of one chunk in blocks of up to kRowBlock
 inline void chunk_all_rows_avx512(int64_t R, const float* const* qr, const float* kb, const float* vb, int64_t ks2,
@@ -302,13 +317,45 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
-  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+  // Only (batch, chunk) pairs with a slot some row may see become tasks: a 2k-slot static cache holding 1.2k
+  // tokens has 3 of its 8 chunks empty, and splitting all chunks evenly gave one of two threads ~60% of the work.
+  // Empty chunks keep (-inf, 0), which the combine below skips, as their computed result would be.
+  // Each task is also one block of kTaskRows query rows (a verify step's 18 rows per KV head make 3), so two
+  // threads get 45 tasks of similar size instead of 15 that split 8 : 7.
+  const int64_t Hm = mask.size(1), row_blocks = (R + kTaskRows - 1) / kTaskRows;
+  std::vector<int64_t> tasks;
+  tasks.reserve(B * Hkv * chunks * row_blocks);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t j0 = c * kChunk, n = std::min(kChunk, L - j0);
+      bool seen = false;
+      for (int64_t hm = 0; hm < Hm && !seen; ++hm)
+        for (int64_t i = 0; i < Q && !seen; ++i) {
+          const bool* m = mp + b * ms0 + hm * mask.stride(1) + i * ms2 + j0 * ms3;
+          for (int64_t j = 0; j < n && !seen; ++j) seen = m[j * ms3];
+        }
+      for (int64_t h = 0; h < Hkv; ++h) {
+        if (seen) {
+          for (int64_t rb = 0; rb < row_blocks; ++rb) tasks.push_back(((b * Hkv + h) * chunks + c) * row_blocks + rb);
+          continue;
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          float* o = pp + (((b * Hkv + h) * chunks + c) * R + r) * (D + 2);
+          o[0] = neg_inf;
+          o[1] = 0.f;
+        }
+      }
+    }
+
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(R * kChunk), p(kChunk);
     std::vector<const float*> qr(R);
     std::vector<const bool*> mr(R);
     std::vector<float*> out(R), srow(R);
     for (int64_t r = 0; r < R; ++r) srow[r] = s.data() + r * kChunk;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t task = tasks[t] / row_blocks, r0 = tasks[t] % row_blocks * kTaskRows;
+      const int64_t rows = std::min(kTaskRows, R - r0);
       const int64_t c = task % chunks, h = (task / chunks) % Hkv, b = task / (chunks * Hkv);
       const int64_t j0 = c * kChunk, n = std::min(kChunk, L - j0);
       const float* kb = kp + b * ks0 + h * ks1 + j0 * ks2;
@@ -321,11 +368,12 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
       }
 #ifdef OPTPASS_ATTN_AVX512
       if (D % 16 == 0) {
-        chunk_all_rows_avx512(R, qr.data(), kb, vb, ks2, vs2, mr.data(), ms3, n, D, sc, cap, srow.data(), out.data());
+        chunk_all_rows_avx512(rows, qr.data() + r0, kb, vb, ks2, vs2, mr.data() + r0, ms3, n, D, sc, cap,
+                              srow.data() + r0, out.data() + r0);
         continue;
       }
 #endif
-      for (int64_t r = 0; r < R; ++r)
+      for (int64_t r = r0; r < r0 + rows; ++r)
         chunk_row_scalar(qr[r], kb, vb, ks2, vs2, mr[r], ms3, n, D, sc, cap, srow[r], p.data(), out[r]);
     }
   });

@@ -87,6 +87,7 @@ class DecodeEngine:
         # pay, the gate starts off and only probes (a stale or compile-inflated figure costs a probe, no more)
         self.verify_cost_seen: dict[int, float] = {}
         self.step_was_new = False  # set when a step graph is made: its first call compiles and is not timed
+        self.gate_waited: dict[int, int] = {}  # per batch size: plain steps a gate that ended off has waited
 
     def fits(self, prompt: int, new: int) -> bool:
         return self.kv_settings is not None or prompt + new <= self.plan.max_cache_len
@@ -203,7 +204,7 @@ class DecodeEngine:
         if proposer is not None:  # starts from what this batch size measured before, else the plan's estimate
             seen = self.verify_cost_seen.get(batch)
             ratio = seen if seen is not None else float(self.plan.proposer.get("verify_cost", 1.5))
-            gate = DraftGate(ratio, start_off=ratio >= k + 1)
+            gate = DraftGate(ratio, start_off=ratio >= k + 1, waited=self.gate_waited.get(batch, 0))
         self.cache.reset()
         if self.skip:  # the prefill decides per token (eager); steps force off what the whole batch skips
             self._skip_stage(None)
@@ -283,6 +284,8 @@ class DecodeEngine:
             self._skip_stage(None)
         if gate is not None and gate.measured():
             self.verify_cost_seen[batch] = gate.cost()
+        if gate is not None:
+            self.gate_waited[batch] = gate.since_probe
         self.last_timing = {"prefill_s": prefilled - started, "decode_s": time.perf_counter() - prefilled,
                             "decode_steps": out.shape[1] - prompt - 1, "verify_steps": verifies,
                             "accepted_drafts": accepted}

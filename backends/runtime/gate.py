@@ -8,14 +8,16 @@ every 8 steps of text that never repeats would cost ~10%. With `start_off` (the 
 acceptance cannot pay: a batch size whose verify step measured too costly before) the first drafts are not tried
 and the gate starts at its longest probe interval: a probe there can only re-measure the cost (every draft it
 could accept still loses), and one every 8 steps cost ~4% at batch 4 on open-ended text. Steps whose graph
-compiles on that call are not timed (the engine's `step_was_new`), so a start-off figure is a measured one."""
+compiles on that call are not timed (the engine's `step_was_new`), so a start-off figure is a measured one.
+The wait carries over between calls (`waited`): 128-token calls would otherwise never reach a probe, and a
+figure that noise pushed past k + 1 would keep that batch size from drafting for good."""
 
 from __future__ import annotations
 
 
 class DraftGate:
     def __init__(self, ratio: float, probe: int = 8, decay: float = 0.8, max_probe: int = 128,
-                 start_off: bool = False) -> None:
+                 start_off: bool = False, waited: int = 0) -> None:
         self.ratio, self.probe, self.decay, self.max_probe = ratio, probe, decay, max_probe
         self.interval = max_probe if start_off else probe  # steps until the next probe
         self.plain_s: float | None = None
@@ -24,7 +26,7 @@ class DraftGate:
         # optimistic until measured (the first drafts are tried), or the model's own token only when starting off
         self.tokens = 1.0 if start_off else 1.0 + ratio
         self.verifies = 0
-        self.since_probe = 0
+        self.since_probe = waited  # plain steps earlier calls at this batch already waited (engine-kept)
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else self.decay * old + (1 - self.decay) * new

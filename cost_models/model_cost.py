@@ -115,9 +115,11 @@ def predict_forward(graph: ModelGraph, spec: HardwareSpec, batch: int, seq: int,
 def peak_memory_expr(graph: ModelGraph, overrides: Overrides | None = None, kv_bytes: int = 4) -> sp.Expr:
     """Weights (linears at their scheme, the rest as captured) + KV cache + the largest live activations."""
     overrides = overrides or {}
-    linear_fp32 = sum(F.weight_bytes_value("fp32", s.out_features, s.in_features) for s in graph.linears if not s.tied_to)
+    # a tied head's table counts once (in param_bytes); quantized, it is replaced (the embedding reads its rows)
+    counted = [s for s in graph.linears if not s.tied_to or s.name in overrides]
+    linear_fp32 = sum(F.weight_bytes_value("fp32", s.out_features, s.in_features) for s in counted)
     linear_now = sum(F.weight_bytes_value(overrides.get(s.name, "fp32"), s.out_features, s.in_features)
-                     for s in graph.linears if not s.tied_to or s.name in overrides)
+                     for s in counted)
     weights = graph.param_bytes - linear_fp32 + linear_now
     kv = F.total(F.kv_read_bytes(1, a.num_kv_heads, a.head_dim, kv_bytes) for a in graph.attentions)
     widest = max([s.out_features for s in graph.linears] or [1])

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from optpass.backends.cpu.head_embedding import (HeadRowsEmbedding, from_record, layout_record, module_path, set_module,
+                                                share_head_rows, share_reason)
 from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear, QuantizedLinear, int4_supported
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.formulas import scheme_key
@@ -96,7 +98,8 @@ class QuantizePass(Pass):
         out = [Candidate.skip(self.name, (name,), f"{label}: {why}", label=label) for name, why in reasons.items() if why]
         if not ok:
             return out
-        d_mem = sum(weight_bytes(s, scheme, gs) - (0 if s.tied_to else weight_bytes(s, "fp32")) for s in ok)
+        # a tied head's float table goes too: the input embedding then reads the quantized head's rows
+        d_mem = sum(weight_bytes(s, scheme, gs) - weight_bytes(s, "fp32") for s in ok)
         w8a8 = None
         if self.config.w8a8 and scheme == "int8" and not gs:
             w8a8 = min((c for s in ok if (c := w8a8_crossover(s, target)) is not None), default=None)
@@ -201,7 +204,22 @@ def _swap(model: nn.Module, cand: Candidate, cfg: QuantizeConfig, context: Apply
         new = (Int8Linear.from_linear(linear, w8a8_min_rows=cand.params.get("w8a8_min_rows"), group_size=gs)
                if scheme == "int8" else Int4Linear.from_linear(linear, gs))
         setattr(parent, attr, new)
+        if cand.params["group"] == "lm_head":
+            _share_with_embedding(model, linear, new, originals, notes)
     return originals
+
+
+def _share_with_embedding(model: nn.Module, head: nn.Linear, quantized: QuantizedLinear,
+                          originals: dict[str, nn.Module], notes: dict[str, Any]) -> None:
+    """A tied input embedding reads its rows from the quantized head, so the float table is freed (one
+    decision with the head: measured and rolled back together); otherwise the note says why it stays."""
+    why = share_reason(model, head)
+    if why:
+        notes["input embedding"] = f"keeps its float table: {why}"
+        return
+    path, embedding = share_head_rows(model, quantized)
+    originals.setdefault(path, embedding)
+    notes["input embedding"] = f"{path} reads the quantized head's rows (float table freed)"
 
 
 def as_linear(module: nn.Module) -> nn.Linear | None:
@@ -240,13 +258,13 @@ def _linearize(model: nn.Module, paths: tuple[str, ...]) -> dict[str, nn.Module]
 
 def _restore(model: nn.Module, originals: dict[str, nn.Module]) -> None:
     for path, module in originals.items():
-        parent_path, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
+        set_module(model, path, module)
 
 
 def _tie_embedding(model: nn.Module) -> None:
-    """A tied input embedding keeps its float weight for lookups; HF's `tie_weights()` must not re-tie the
-    quantized head back to it, so the config stops declaring the tie."""
+    """The head and the input embedding are no longer one float parameter (the embedding reads the quantized
+    head's rows, or keeps its float table where it cannot); HF's `tie_weights()` must not re-tie a float
+    weight over the quantized head, so the config stops declaring the tie."""
     config = getattr(model, "config", None)
     head = getattr(model, "lm_head", None)
     if config is not None and isinstance(head, QuantizedLinear) and getattr(config, "tie_word_embeddings", False):
@@ -255,8 +273,10 @@ def _tie_embedding(model: nn.Module) -> None:
 
 def quantized_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     """What a checkpoint records to rebuild the quantized modules before loading their tensors."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for path, m in model.named_modules():
+        if isinstance(m, HeadRowsEmbedding):
+            out[path] = layout_record(module_path(model, m.head), m.output_scale, m.dtype)
         if isinstance(m, Int8Linear):
             out[path] = {"scheme": "int8", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
                          "w8a8_min_rows": m.w8a8_min_rows, "group_size": m.group_size or None}
@@ -267,8 +287,11 @@ def quantized_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def rebuild_quantized(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn.Module:
-    """Replace the listed nn.Linear modules by empty quantized ones, ready for `load_state_dict`."""
+    """Replace the listed nn.Linear modules by empty quantized ones, ready for `load_state_dict`; then point
+    each shared input embedding at its rebuilt head."""
     for path, spec in layout.items():
+        if spec["scheme"] == "head_rows":
+            continue
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         n, k = spec["out"], spec["in"]
@@ -281,4 +304,7 @@ def rebuild_quantized(model: nn.Module, layout: dict[str, dict[str, Any]]) -> nn
             gs = spec["group_size"]
             new = Int4Linear(torch.zeros(n, k // 2, dtype=torch.uint8), torch.ones(n, k // gs), torch.zeros(n, k // gs), gs, bias)
         setattr(parent, attr, new)
+    for path, spec in layout.items():
+        if spec["scheme"] == "head_rows":
+            set_module(model, path, from_record(model, spec))
     return model

@@ -70,6 +70,11 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows), in_features] float: the weight's rows (output channels) at `rows`, for a tied input
+        embedding that looks them up (`head_embedding.py`)."""
+        raise NotImplementedError
+
     def workspace_args(self) -> tuple[torch.Tensor | None, int]:
         """(zero points or None, group size or 0): what `optpass::dequant_bf16_` needs besides qweight / scale."""
         raise NotImplementedError
@@ -235,6 +240,9 @@ class Int8Linear(QuantizedLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int8(self.qweight, self.scale)
 
+    def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return dequantize_int8(self.qweight[rows], self.scale[rows])
+
     def workspace_args(self) -> tuple[torch.Tensor | None, int]:
         return None, self.group_size
 
@@ -280,6 +288,9 @@ class Int4Linear(QuantizedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_int4(unpack_int4(self.qweight), self.scale, self.zero, self.group_size)
+
+    def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return dequantize_int4(unpack_int4(self.qweight[rows]), self.scale[rows], self.zero[rows], self.group_size)
 
     def workspace_args(self) -> tuple[torch.Tensor | None, int]:
         return self.zero, self.group_size

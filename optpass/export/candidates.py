@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optpass.backends.cpu.head_embedding import HeadRowsEmbedding, set_module
 from optpass.backends.cpu.quant_linear import QuantizedLinear
 from optpass.export.common import LinearWeights, linear_weights
 
@@ -35,6 +36,9 @@ def float_twin(model: nn.Module, weight_for: WeightFor) -> nn.Module:
             dense.bias = nn.Parameter(lw.bias.clone(), requires_grad=False)
         parent, _, attr = path.rpartition(".")
         setattr(twin.get_submodule(parent) if parent else twin, attr, dense)
+    for path, module in model.named_modules():  # lookups of the head's rows: the exported float table
+        if isinstance(module, HeadRowsEmbedding):
+            set_module(twin, path, module.float_copy())
     return twin.eval()
 
 

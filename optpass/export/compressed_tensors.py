@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optpass.backends.cpu.head_embedding import shared_tables
 from optpass.backends.cpu.quant_linear import Int4Linear, QuantizedLinear
 from optpass.errors import ExportError
 from optpass.export.common import error_summary, export_state, kept_blocks, linear_weights, renumber, write_state
@@ -144,6 +145,7 @@ def _tensors(model: nn.Module, int4: str, index_map: dict[int, int]) -> tuple[di
         if any(key.startswith(p + ".") for p in quantized) or (tied and key == "lm_head.weight"):
             continue
         tensors[renumber(key, index_map)] = t.detach().contiguous().clone()
+    tensors.update({renumber(k, index_map): t for k, t in shared_tables(model).items()})  # embeddings read the head
     return tensors, schemes, errors
 
 

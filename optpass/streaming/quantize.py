@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optpass.backends.cpu.head_embedding import HeadRowsEmbedding, layout_record
 from optpass.errors import ConfigError
 from optpass.passes.awq import MAX_TOKENS, scale_groups
 from optpass.passes.quantize import QuantizeConfig, QuantizePass
@@ -92,6 +93,12 @@ def plan_layout(model: nn.Module, cfg: QuantizeConfig) -> dict[str, dict[str, An
                 layout[path] = {"scheme": "int4", "in": k, "out": n, "bias": bias, "group_size": gs}
         elif not gs or k % gs == 0:
             layout[path] = {"scheme": "int8", "in": k, "out": n, "bias": bias, "w8a8_min_rows": None, "group_size": gs}
+    embedding = model.model.embed_tokens
+    tied = model.lm_head.weight is embedding.weight
+    head_awq = cfg.awq and layout.get("lm_head", {}).get("scheme") == "int4"  # AWQ scales the head, not the lookup
+    if tied and "lm_head" in layout and not head_awq and type(embedding) is nn.Embedding:
+        # as the in-memory pass: the embedding reads the quantized head's rows, the float table is not stored
+        layout["model.embed_tokens"] = layout_record("lm_head", 1.0, embedding.weight.dtype)
     return layout
 
 
@@ -116,6 +123,12 @@ def quantize_linear(linear: nn.Linear, spec: dict[str, Any]) -> nn.Module:
         return Int4Linear(packed, scale, zero, gs, linear.bias)
     parts8 = [quantize_int8(slab, gs) for slab in slabs]
     return Int8Linear(torch.cat([q for q, _ in parts8]), torch.cat([s for _, s in parts8]), linear.bias)
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
 
 
 def _swap_linears(module: nn.Module, prefix: str, layout: dict[str, dict[str, Any]]) -> int:
@@ -241,7 +254,12 @@ def quantize_streaming(source: str | Path, output: str | Path | None = None, con
             calib_f = [F.embedding(ids, embed) for ids in calib]
             ver_f = [F.embedding(ids, embed) for ids in verify]
             ver_q, calib_q = list(ver_f), (list(calib_f) if head_awq else None)
-            writer.write("model.embed_tokens.weight", embed)
+            if "model.embed_tokens" in layout:  # looked up in the quantized head: its rows, quantized alike
+                lookup = HeadRowsEmbedding(quantize_linear(_linear(embed), layout["lm_head"]))
+                ver_q = [lookup(ids) for ids in verify]
+                del lookup
+            else:
+                writer.write("model.embed_tokens.weight", embed)
             del embed
             for i in track(range(runner.layers), "optpass streaming quantize", total=runner.layers):
                 prefix = f"model.layers.{i}."

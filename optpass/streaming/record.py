@@ -74,7 +74,8 @@ def build_report(meta: nn.Module, target: str, budget: Any, cfg: QuantizeConfig,
     from optpass.backends.cpu.quant_linear import QuantizedLinear
 
     config = meta.config
-    blocks = [p for p in layout if p != "lm_head"]
+    linears = [p for p, spec in layout.items() if spec["scheme"] != "head_rows"]  # not the shared embedding
+    blocks = [p for p in linears if p != "lm_head"]
     labels = {g: f"{g} {_label(choice, cfg.group_size)}"
               for g, choice in (("blocks", cfg.weights), ("lm_head", cfg.lm_head))}
     report = OptimizationReport(
@@ -89,7 +90,10 @@ def build_report(meta: nn.Module, target: str, budget: Any, cfg: QuantizeConfig,
     kept = {"blocks": {"kept": labels["blocks"] if blocks else "float", "tried": []},
             "lm_head": {"kept": labels["lm_head"] if "lm_head" in layout else "float", "tried": []}}
     runtime = {"compiled_step": True, "max_cache_len": cfg.max_cache_len} if cfg.fast_decode else {}
-    report.passes = [PassRecord("quantize", "applied", sites=list(layout), quality=quality, seconds=seconds,
+    if len(linears) < len(layout):
+        details = {**details, "input embedding": "model.embed_tokens reads the quantized head's rows (float table "
+                   "not stored)"}
+    report.passes = [PassRecord("quantize", "applied", sites=linears, quality=quality, seconds=seconds,
                                 config=cfg.to_dict(), details={**kept, **details}, runtime=runtime)]
     report.quality_reference, report.quality_final = reference, quality
     report.memory = {"baseline_bytes": reader.fp32_bytes(), "optimized_bytes": writer.path.stat().st_size,

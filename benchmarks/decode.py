@@ -148,6 +148,8 @@ def build_variants(model: Any, tok: Any, only: set[str] | None, gguf: Path) -> l
         out = optpass.optimize(copy.deepcopy(model), target="cpu", passes="auto" if cfg is None else [cfg],
                                quality_budget=budget)
         print(out.optpass_report, flush=True)
+        if cfg is not None and "quantize" not in out.optpass_report.applied:  # not the row its name promises
+            raise RuntimeError(f"quantize was not applied: {out.optpass_report.passes[0].reason}")
         return HFRunner(out)
 
     def torchao(config_name: str, optpass_loop: bool = False) -> Any:
@@ -175,6 +177,8 @@ def build_variants(model: Any, tok: Any, only: set[str] | None, gguf: Path) -> l
         ("ao-int4-compile", lambda: torchao("int4"), "torchao PrototypeInt4WeightOnlyConfig g32 (LM head too), compiled"),
         ("optpass-auto", lambda: optpass_variant(None), "optimize(model, target='cpu'): the plan the cost model and "
          "the default quality budget choose"),
+        ("optpass-auto-quant", lambda: optpass_variant(QuantizeConfig()), "optimize(model, passes=[QuantizeConfig()]): "
+         "the schemes auto's quantize decision keeps under the default budget, without the other passes (no drafter)"),
         ("optpass-int8", lambda: optpass_variant(QuantizeConfig(weights="int8", lm_head="int8"), FIXED_BUDGET),
          f"int8 weights + int8 head, fp32 act GEMV, compiled static decode (budget {FIXED_BUDGET})"),
         ("optpass-int8-w8a8", lambda: optpass_variant(QuantizeConfig(weights="int8", lm_head="int8", w8a8=True),

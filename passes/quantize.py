@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from optpass.backends.cpu.head_embedding import (HeadRowsEmbedding, from_record, layout_record, module_path, set_module,
                                                 share_head_rows, share_reason)
+from optpass.backends.cpu import gemv_ops
 from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear, QuantizedLinear, int4_supported
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.formulas import scheme_key
@@ -100,6 +101,7 @@ class QuantizePass(Pass):
             return out
         # a tied head's float table goes too: the input embedding then reads the quantized head's rows
         d_mem = sum(weight_bytes(s, scheme, gs) - weight_bytes(s, "fp32") for s in ok)
+        d_mem += sum(_kernel_copy_bytes(scheme, s, target) for s in ok)
         w8a8 = None
         if self.config.w8a8 and scheme == "int8" and not gs:
             w8a8 = min((c for s in ok if (c := w8a8_crossover(s, target)) is not None), default=None)
@@ -173,6 +175,16 @@ class QuantizePass(Pass):
         details = {"kept": {g: c.label for g, c in best.items()}, "skipped": skipped}
         return PassResult(self.name, gm, bool(done), tuple(done), details=details,
                           reason="" if done else "no chosen linear call has a constant float weight")
+
+
+def _kernel_copy_bytes(scheme: str, site: LinearSite, target: HardwareSpec) -> int:
+    """Resident bytes of the layout a CPU kernel reads beside the canonical tensors (derived, not saved):
+    int8's packed copy on VNNI CPUs, int4's tinygemm weight."""
+    if target.kind != "cpu":
+        return 0
+    if scheme == "int8":
+        return site.out_features * site.in_features if gemv_ops.packed_available() else 0
+    return site.out_features * site.in_features // 2
 
 
 def _group_supported(scheme: str, site: LinearSite, group_size: int) -> str | None:

@@ -65,10 +65,14 @@ def fingerprint() -> dict[str, Any]:
 
 
 def cache_path(fp: dict[str, Any] | None = None) -> Path:
+    """Where this fingerprint's record lives: `<OPTPASS_CACHE>/calibration`, or `OPTPASS_CALIBRATION_DIR` (the
+    test suite points it at an empty directory per test, so a machine's own calibration cannot change which
+    candidates rank first there)."""
     from optpass.models import cache_dir
 
     key = hashlib.sha256(json.dumps(fp or fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "calibration" / f"cpu-{key}.json"
+    root = os.environ.get("OPTPASS_CALIBRATION_DIR")
+    return (Path(root) if root else cache_dir() / "calibration") / f"cpu-{key}.json"
 
 
 def _time(fn: Callable[[], object], reps: int, inner: int = 1) -> dict[str, float]:

@@ -11,6 +11,13 @@ os.environ.setdefault("OPTPASS_PROGRESS", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _no_machine_calibration(tmp_path_factory, monkeypatch):
+    """Tests plan against the uncalibrated CPU spec unless they calibrate themselves: a calibration this machine
+    cached (`optpass calibrate`, or a benchmark run) changes which candidates rank first."""
+    monkeypatch.setenv("OPTPASS_CALIBRATION_DIR", str(tmp_path_factory.mktemp("calibration")))
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from optpass.models import load_smollm2

@@ -51,7 +51,9 @@ class LinearAttentionConfig(PassConfig):
     calibration_len: int = 4096  # tokens of the forward whose queries / keys rank the layers
     eval_len: int | None = None  # tokens per quality window; None = max(context, calibration_len)
     eval_windows: int = 1
-    context: int | None = None  # decode context the memory saving is planned and reported at; None = eval length
+    # decode context the cost model plans at and the memory saving is reported at; None = optimize()'s planned
+    # context for planning (a short one gains nothing) and the quality window's length for the report
+    context: int | None = None
 
     def __post_init__(self) -> None:
         if self.method in NOT_BUILT:
@@ -108,7 +110,9 @@ class LinearAttentionPass(Pass):
         if graph.model_kind != "causal_lm" or not sites:
             return [Candidate.skip(self.name, sites, "local attention layers need a causal LM with attention sites")]
         cfg = self.config
-        ctx = cfg.context or cfg.eval_len or cfg.calibration_len
+        # the served context (optimize(context=...), else the example's length), as kv_cache and sparse_attention
+        # plan: a window saves nothing below its span, so auto must not convert layers for a short context
+        ctx = cfg.context or max(graph.estimate_shape[2], 1)
         span = cfg.sink + cfg.window
         est = local_estimate(graph, target, math.ceil(PLANNED_SHARE * len(sites)), span, ctx)
         label = f"sinks {cfg.sink} + window {cfg.window} on the most local layers @ {ctx} ctx"

@@ -173,3 +173,18 @@ def test_an_unmeasurable_window_a_lone_full_layer_and_an_unbuilt_method_are_refu
         LinearAttentionConfig(method="hedgehog")
     with pytest.raises(ConfigError, match="largest first"):
         LinearAttentionConfig(shares=(0.5, 1.0))
+
+
+def test_the_plan_converts_layers_only_for_a_context_past_the_window():
+    from optpass.capture import capture
+    from optpass.cost_models.hardware import get_spec
+    from optpass.passes.linear_attention import LinearAttentionPass
+
+    graph = capture(tiny_llama(layers=4).eval())
+    spec = get_spec("cpu")
+    planned = LinearAttentionPass(LinearAttentionConfig(window=32))
+    short = planned.candidates(graph, spec)[0]  # the example's few tokens: inside the 4 + 32 span
+    assert short.estimate.relative_gain == 0 and short.estimate.d_peak_memory == 0
+    graph.context = 4096  # optimize(context=4096)
+    long = planned.candidates(graph, spec)[0]
+    assert long.params["context"] == 4096 and long.estimate.relative_gain > 0 and long.estimate.d_peak_memory < 0

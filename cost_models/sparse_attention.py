@@ -17,13 +17,13 @@ CPU_CALL_FLOOR = 1.5e-3
 
 
 def attention_pair(site: AttentionSite, spec: HardwareSpec, seq: int, rho: float, block: int,
-                   choosing: float = 0.0) -> tuple[float, float]:
-    """(dense SDPA, block-sparse) seconds of one causal prefill of `seq` tokens at batch 1; `choosing` is the online
-    block choice's work as a share of dense SDPA's time."""
-    at = {F.B: 1, F.S: seq, F.S_ctx: seq}
-    dense = F.evaluate(F.sdpa_time(spec, site.num_heads, site.num_kv_heads, site.head_dim).subs(at))
+                   choosing: float = 0.0, causal: bool = True, batch: int = 1) -> tuple[float, float]:
+    """(dense SDPA, block-sparse) seconds of one attention call over `seq` tokens (a causal prefill, or
+    bidirectional image tokens); `choosing` is the online block choice's work as a share of dense SDPA's time."""
+    at = {F.B: batch, F.S: seq, F.S_ctx: seq}
+    dense = F.evaluate(F.sdpa_time(spec, site.num_heads, site.num_kv_heads, site.head_dim, causal).subs(at))
     sparse = F.evaluate(F.sparse_attention_time(spec, site.num_heads, site.num_kv_heads, site.head_dim, min(rho, 1.0),
-                                                block).subs(at))
+                                                block, causal).subs(at))
     return dense, sparse + choosing * dense + (CPU_CALL_FLOOR if spec.kind == "cpu" else 0.0)
 
 
@@ -55,3 +55,21 @@ def prefill_estimate(graph: ModelGraph, spec: HardwareSpec, rho: float, context:
         saved += dense - sparse
     cross = layer_crossover(graph.attentions[0], spec, lambda s: (rho, 0.0), block, 0.0) if graph.attentions else None
     return RewriteEstimate(before, before - saved, 0.0, cross, tokens=context)
+
+
+def image_estimate(graph: ModelGraph, spec: HardwareSpec, rho: float, block: int) -> RewriteEstimate | None:
+    """A diffusion transformer's forward at its captured batch and image-token count with every bidirectional
+    self-attention at density `rho`; None when the captured shapes do not give the token count."""
+    from optpass.cost_models.model_cost import predict_forward
+
+    sites = [a for a in graph.attentions if not a.causal and not a.has_mask and a.q_shape[2:3] == a.k_shape[2:3]]
+    try:
+        batch, tokens = int(sites[0].q_shape[0]), int(sites[0].q_shape[2])
+    except (IndexError, ValueError):
+        return None
+    before = predict_forward(graph, spec, batch, tokens, tokens)
+    saved = 0.0
+    for site in sites:
+        dense, sparse = attention_pair(site, spec, tokens, rho, block, causal=False, batch=batch)
+        saved += dense - sparse
+    return RewriteEstimate(before, before - saved, 0.0, None, tokens=batch * tokens)

@@ -1,5 +1,5 @@
 """Attention substitution: long prefills of full-attention layers run block-sparse where the cost model and the
-quality budget allow.
+quality budget allow (diffusion transformers: a 2D-local window over image tokens, `sparse_attention_image.py`).
 
 One calibration forward records each layer's queries and keys; per head the search (`backends/sparse/search.py`)
 picks the cheapest pattern (sinks + window, block top-p, vertical-and-slash, or dense) that keeps a target share
@@ -25,6 +25,8 @@ from torch import nn
 from optpass.backends.kv import enable_compressed_attention
 from optpass.backends.kv.attention import support_reason
 from optpass.backends.sparse.attend import ATTRIBUTE
+from optpass.backends.sparse.image_attention import ATTRIBUTE as IMAGE_ATTRIBUTE
+from optpass.backends.sparse.image_attention import ImageSparsity, install_image_sparse
 from optpass.backends.sparse.patterns import PATTERNS, make_pattern
 from optpass.backends.sparse.plan import LayerSparsity
 from optpass.backends.sparse.search import DEFAULT_CANDIDATES, HeadScores, capture_queries_keys, choose, score_layer
@@ -34,6 +36,7 @@ from optpass.errors import ConfigError
 from optpass.hf_compat import FULL, layer_kinds
 from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
 from optpass.long_context import EVAL_TAIL, corpus_ids, reference_logits, tail_quality
+from optpass.passes.sparse_attention_image import image_candidate, image_decisions, image_finish
 from optpass.registry import register_pass
 from optpass.sites import ModelGraph
 
@@ -144,14 +147,20 @@ class SparseAttentionPass(Pass):
 
     def candidates(self, graph: ModelGraph, target: HardwareSpec) -> list[Candidate]:
         sites = tuple(a.name for a in graph.attentions)
+        if graph.model_kind == "diffusion_transformer":
+            return [image_candidate(self.name, graph, target, self.config.block)]
         if graph.model_kind != "causal_lm" or not sites:
-            return [Candidate.skip(self.name, sites, "sparse prefill attention needs a causal LM with attention sites")]
+            return [Candidate.skip(self.name, sites, "sparse attention needs a causal LM (long prefills) or a "
+                                   "diffusion transformer (image tokens) with attention sites")]
         ctx = self.config.context or max(graph.estimate_shape[2], 1)
         est = prefill_estimate(graph, target, ASSUMED_DENSITY, ctx, self.config.block)
         label = f"block-sparse prefill attention @ {ctx} tokens (planned at density {ASSUMED_DENSITY})"
         return [Candidate(self.name, sites, {"context": ctx}, est, label=label, paths=("module",))]
 
     def decisions(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> list[Alternatives] | PassResult:
+        self._image = bool(context.graph and context.graph.model_kind == "diffusion_transformer")
+        if self._image:
+            return image_decisions(self.name, model, self.config.block, context)
         reason = support_reason(model)
         if reason:
             return PassResult(self.name, model, False, reason=reason)
@@ -221,6 +230,8 @@ class SparseAttentionPass(Pass):
 
     def finish(self, model: nn.Module, kept: dict[str, Option | None], outcomes: dict[str, list[Outcome]],
                context: ApplyContext) -> PassResult:
+        if self._image:
+            return image_finish(self.name, model, kept, outcomes)
         tried = outcomes["coverage"]
         details: dict[str, Any] = {"search_s": round(self._search_s, 1), "calibration_tokens": self._cal_len,
                                    "quality_window_tokens": self._eval_len,
@@ -244,10 +255,16 @@ class SparseAttentionPass(Pass):
         return PassResult(self.name, model, True, sites, reason=note, details=details)
 
     def saved_state(self, model: nn.Module) -> dict[str, Any]:
+        image = getattr(model, IMAGE_ATTRIBUTE, None)
+        if image is not None:
+            return {"image": image.to_dict()}
         return {"layers": {str(i): getattr(m, ATTRIBUTE).to_dict() for i, m in attention_modules(model).items()
                            if getattr(m, ATTRIBUTE, None) is not None}}
 
     def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        if "image" in state:
+            install_image_sparse(model, ImageSparsity.from_dict(state["image"]))
+            return model
         enable_compressed_attention(model)
         install(model, {int(i): LayerSparsity.from_dict(d) for i, d in state.get("layers", {}).items()})
         return model

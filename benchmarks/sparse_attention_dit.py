@@ -1,6 +1,7 @@
 """2D-local block-sparse attention at DiT shapes: dense SDPA (bidirectional) vs the `local_2d` layout lowered by
 FlexAttention, on image-token grids of 4k-16k tokens, and exactness against dense attention restricted to the
-kept blocks.
+kept blocks; then the trained digit DiT: what the pass decides there, and the sampled images' PSNR under 2D
+windows (the quality side; random weights say nothing about it).
 
 Shapes are DiT-XL/2's attention (16 heads x 72, `DiTTransformer2DModel`'s default config); queries / keys / values
 are random, so only time and exactness are measured here: random weights give diffuse attention, and no image-
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import RESULTS, machine_info  # noqa: E402
@@ -44,6 +46,51 @@ def user_window_mask(side: int, radius: int):
     return create_block_mask(window, None, None, side * side, side * side, device="cpu", BLOCK_SIZE=BLOCK)
 
 
+class WindowSdpa(TorchFunctionMode):
+    """Every bidirectional SDPA call over a `side x side` grid attends only within a 2D window: token level
+    (`|dr| <= r and |dc| <= r`), or at the granularity of one grid row per block (`|dr| <= r`, what the block layout
+    runs with `side`-token blocks). Masked dense attention: the same math as the sparse lowering, used for quality."""
+
+    def __init__(self, side: int, radius: int, rows_only: bool) -> None:
+        super().__init__()
+        pos = torch.arange(side * side)
+        dr = (pos[:, None] // side - pos[None, :] // side).abs()
+        dc = (pos[:, None] % side - pos[None, :] % side).abs()
+        self.mask = (dr <= radius) if rows_only else (dr <= radius) & (dc <= radius)
+        self.tokens = side * side
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args[0].shape[-2] == self.tokens == args[1].shape[-2]:
+            return func(*args[:3], attn_mask=self.mask)
+        return func(*args, **kwargs)
+
+
+def digit_quality(steps: int, seeds: list[int]) -> dict:
+    """The trained digit DiT: what the pass decides on it, and the sampled images' PSNR (vs dense attention) of
+    2D windows at token and at row-block granularity, so a refusal comes with the measured figure."""
+    import optpass
+    from optpass.digit_dit import load_digit_dit
+    from optpass.sampling import ddim_sample, image_metrics
+
+    model = load_digit_dit()
+    side = model.config.sample_size // model.config.patch_size
+    report = optpass.optimize(model, passes=["sparse_attention"], quality_budget="psnr:30").optpass_report
+    record = report.passes[0]
+    labels = [s % 10 for s in seeds]
+    reference = ddim_sample(model, seeds, labels, steps, guidance_scale=2.0)
+    out = {"grid": [side, side], "pass": {"status": record.status, "reason": record.reason}, "windows": {}}
+    for radius in range(1, side - 1):
+        for rows_only in (True, False):
+            with WindowSdpa(side, radius, rows_only):
+                images = ddim_sample(model, seeds, labels, steps, guidance_scale=2.0)
+            kept = float(WindowSdpa(side, radius, rows_only).mask.float().mean())
+            name = f"radius {radius} {'row blocks' if rows_only else 'tokens'}"
+            out["windows"][name] = {"kept_share": round(kept, 4), **{k: round(v, 3) for k, v in
+                                                                    image_metrics(reference, images).items()}}
+    return out
+
+
 def main() -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -56,6 +103,8 @@ def main() -> None:
     ap.add_argument("--radii", default="8,16")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--exact-up-to", type=int, default=9216, help="check exactness up to this many tokens")
+    ap.add_argument("--digit-steps", type=int, default=50, help="DDIM steps of the digit DiT quality part (0: skip)")
+    ap.add_argument("--digit-seeds", type=int, default=8)
     args = ap.parse_args()
     flex = torch.compile(flex_attention, dynamic=True)
     scale = DIM ** -0.5
@@ -86,6 +135,9 @@ def main() -> None:
         row["speedup_vs_dense"] = {n: medians["dense sdpa"] / t for n, t in medians.items()}
         result["grids"][str(side)] = row
         print(json.dumps({side: row}, indent=1), flush=True)
+    if args.digit_steps:
+        result["digit_dit"] = digit_quality(args.digit_steps, list(range(100, 100 + args.digit_seeds)))
+        print(json.dumps({"digit_dit": result["digit_dit"]}, indent=1), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "sparse_attention_dit.json"
     path.write_text(json.dumps(result, indent=1))

@@ -4,7 +4,9 @@ torchao int8 / int4 compiled and llama.cpp on the GGUF the model ships as (SmolL
 one process, interleaved rounds, medians. llama.cpp runs with `logits_all=False` (its default: only the last
 position's logits, as generation needs); quality scoring uses a second instance with all logits. Quality:
 perplexity on pydoc_data.topics (512-token windows), KL to fp32 logits, greedy-token agreement with fp32.
-Roofline: weight bytes per token / triad bandwidth (same run).
+Roofline: weight bytes per token / triad bandwidth (same run). Also llama.cpp on the shipped file requantized to
+Q8_0 by llama.cpp's own quantizer, and optpass int8 / int4 at batch 8 (eight different prompts in one call; the
+row's decode rate is the aggregate).
 
     python benchmarks/decode.py [--model gemma3-270m] [--rounds 5] [--ppl-windows 16] [--only optpass-auto,hf-fp32]
 """
@@ -33,6 +35,7 @@ from optpass.models import gemma3_gguf_path, load_gemma3_270m, load_smollm2, smo
 MODELS = {"smollm2": (load_smollm2, smollm2_gguf_path), "gemma3-270m": (load_gemma3_270m, gemma3_gguf_path)}
 
 NEW, PROMPT, PREFILL = 128, 64, 512
+BATCH = 8  # rows of the batched arms (`-b8`)
 
 
 def triad_gbps(n: int = 1 << 26, reps: int = 5) -> float:
@@ -141,6 +144,7 @@ FIXED_BUDGET = "ppl:10%"
 
 def build_variants(model: Any, tok: Any, only: set[str] | None, gguf: Path) -> list[tuple[str, Any, str]]:
     """(name, setup function, note) for every config; setup returns a runner."""
+    batch_prompts = token_windows(tok, PROMPT, BATCH)  # row 0 is the batch-1 prompt: greedy match checks it
     import optpass
     from optpass.passes.quantize import QuantizeConfig
 
@@ -190,11 +194,54 @@ def build_variants(model: Any, tok: Any, only: set[str] | None, gguf: Path) -> l
         ("optpass-int4", lambda: optpass_variant(QuantizeConfig(weights="int4", lm_head="int8"), FIXED_BUDGET),
          f"int4 g32 blocks + int8 head, compiled static decode (budget {FIXED_BUDGET})"),
     ]
+    # batch 8: eight different 64-token prompts in one call; the row's decode_tok_s is the aggregate (8 rows)
+    configs += [(f"{name}-b8", lambda setup=setup: BatchedRunner(setup(), batch_prompts), f"{note}; batch 8, aggregate")
+                for name, setup, note in configs if name in ("optpass-int8", "optpass-int4")]
     if importlib.util.find_spec("llama_cpp") is not None:
         kind = gguf.stem.rsplit(".", 1)[-1].rsplit("-", 1)[-1].lower()
-        configs.append((f"llama.cpp-{kind}", lambda: LlamaCppRunner(gguf), f"llama-cpp-python {_version('llama-cpp-python')}, "
+        version = _version("llama-cpp-python")
+        configs.append((f"llama.cpp-{kind}", lambda: LlamaCppRunner(gguf), f"llama-cpp-python {version}, "
                         f"the shipped {gguf.name}, n_threads=2, logits_all=False"))
+        if kind != "q8_0":
+            configs.append(("llama.cpp-q8_0", lambda: LlamaCppRunner(q8_0_copy(gguf)), f"llama-cpp-python {version}, "
+                            f"{gguf.name} requantized to Q8_0 by llama.cpp's own quantizer, n_threads=2, logits_all=False"))
     return [c for c in configs if only is None or c[0] in only]
+
+
+def q8_0_copy(gguf: Path) -> Path:
+    """The shipped GGUF requantized to Q8_0 by llama.cpp itself (`llama_model_quantize`, allow_requantize: the
+    shipped file holds no float weights), cached beside the optpass conversions."""
+    import llama_cpp
+
+    from optpass.models import cache_dir
+
+    out = cache_dir() / "gguf" / f"{gguf.stem}.requantized-Q8_0.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, 2
+        partial = out.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(partial).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not requantize {gguf} to Q8_0")
+        partial.rename(out)
+    return out
+
+
+class BatchedRunner:
+    """A runner whose 64-token decode call runs `prompts` (a [B, 64] batch of different prompts, row 0 the batch-1
+    prompt, so the greedy match checks a batched row) instead of the one prompt; prefill and perplexity go to the
+    wrapped runner (one row)."""
+
+    def __init__(self, runner: Any, prompts: torch.Tensor) -> None:
+        self.runner, self.prompts, self.model = runner, prompts, runner.model
+
+    def generate(self, ids: torch.Tensor, new: int) -> torch.Tensor:
+        if ids.shape[1] == self.prompts.shape[1]:
+            return self.runner.generate(self.prompts, new)
+        return self.runner.generate(ids, new)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.runner.logits(ids)
 
 
 def main() -> None:
@@ -238,7 +285,8 @@ def main() -> None:
     for name, setup, note in build_variants(model, tok, set(args.only.split(",")) if args.only else None, gguf):
         def measure(runner: Any) -> dict[str, float]:
             bandwidth.append(triad_gbps())
-            return {"decode_tok_s": decode_rate(runner, prompt), "prefill512_ms": prefill_ms(runner, long_prompt)}
+            rows = runner.prompts.shape[0] if isinstance(runner, BatchedRunner) else 1
+            return {"decode_tok_s": rows * decode_rate(runner, prompt), "prefill512_ms": prefill_ms(runner, long_prompt)}
 
         def timed_setup(setup: Any = setup) -> Any:
             t = time.perf_counter()

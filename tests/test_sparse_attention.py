@@ -185,19 +185,19 @@ def test_cli_round_trip_keeps_the_patterns(tmp_path, tiny_llama):
     assert all(isinstance(h, dict) and h["name"] in PATTERNS for p in plans if p for h in p.heads)
 
 
-def test_the_lowering_stays_exact_past_dynamos_recompile_limit(monkeypatch):
+def test_the_lowering_stays_exact_past_dynamos_recompile_limit():
     """Each (causal, block, scale) gets its own compiled FlexAttention: one shared function hit the recompile limit
     and ran FlexAttention eagerly, which attends to every key its mask function allows (dense, silently)."""
     import torch._dynamo.config as dynamo_config
     import torch.nn.functional as F
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
     g = torch.Generator().manual_seed(0)
     seq, block = 64, 16
     keep = (torch.rand(1, 1, 4, 4, generator=g) < 0.5) | torch.eye(4, dtype=torch.bool)
-    for dim, causal in ((8, False), (16, False), (16, True)):
-        q, k, v = (torch.randn(1, 2, seq, dim, generator=g) for _ in range(3))
-        layout = clip_causal(keep) if causal else keep
-        out = block_sparse_attention(q, k, v, keep, block, dim ** -0.5, causal=causal)
-        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(layout, seq, seq, block, causal=causal))
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with dynamo_config.patch(recompile_limit=1):  # config.patch restores it (monkeypatch would delete the key)
+        for dim, causal in ((8, False), (16, False), (16, True)):
+            q, k, v = (torch.randn(1, 2, seq, dim, generator=g) for _ in range(3))
+            layout = clip_causal(keep) if causal else keep
+            out = block_sparse_attention(q, k, v, keep, block, dim ** -0.5, causal=causal)
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(layout, seq, seq, block, causal=causal))
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -57,16 +57,25 @@ def prefill_estimate(graph: ModelGraph, spec: HardwareSpec, rho: float, context:
     return RewriteEstimate(before, before - saved, 0.0, cross, tokens=context)
 
 
-def image_estimate(graph: ModelGraph, spec: HardwareSpec, rho: float, block: int) -> RewriteEstimate | None:
-    """A diffusion transformer's forward at its captured batch and image-token count with every bidirectional
-    self-attention at density `rho`; None when the captured shapes do not give the token count."""
-    from optpass.cost_models.model_cost import predict_forward
-
+def image_attention(graph: ModelGraph) -> tuple[list[AttentionSite], int, int] | None:
+    """(the bidirectional unmasked self-attention sites, batch, tokens) the capture saw; None when there are none or
+    their captured shapes do not give the token count."""
     sites = [a for a in graph.attentions if not a.causal and not a.has_mask and a.q_shape[2:3] == a.k_shape[2:3]]
     try:
-        batch, tokens = int(sites[0].q_shape[0]), int(sites[0].q_shape[2])
+        return sites, int(sites[0].q_shape[0]), int(sites[0].q_shape[2])
     except (IndexError, ValueError):
         return None
+
+
+def image_estimate(graph: ModelGraph, spec: HardwareSpec, rho: float, block: int) -> RewriteEstimate | None:
+    """A diffusion transformer's forward at its captured batch and image-token count with every bidirectional
+    self-attention at density `rho`; None without such attention (`image_attention`)."""
+    from optpass.cost_models.model_cost import predict_forward
+
+    captured = image_attention(graph)
+    if captured is None:
+        return None
+    sites, batch, tokens = captured
     before = predict_forward(graph, spec, batch, tokens, tokens)
     saved = 0.0
     for site in sites:

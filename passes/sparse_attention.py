@@ -76,6 +76,11 @@ class SparseAttentionConfig(PassConfig):
             raise ConfigError(f"SparseAttentionConfig.eval_windows={self.eval_windows}; at least 1")
 
 
+def _on_images(context: ApplyContext) -> bool:
+    """A diffusion transformer: the 2D-local image path (`sparse_attention_image.py`) decides and finishes."""
+    return bool(context.graph and context.graph.model_kind == "diffusion_transformer")
+
+
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     """layer index -> attention module (transformers' attention modules carry `layer_idx`)."""
     return {m.layer_idx: m for m in model.modules()
@@ -158,8 +163,7 @@ class SparseAttentionPass(Pass):
         return [Candidate(self.name, sites, {"context": ctx}, est, label=label, paths=("module",))]
 
     def decisions(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> list[Alternatives] | PassResult:
-        self._image = bool(context.graph and context.graph.model_kind == "diffusion_transformer")
-        if self._image:
+        if _on_images(context):
             return image_decisions(self.name, model, self.config.block, context)
         reason = support_reason(model)
         if reason:
@@ -230,7 +234,7 @@ class SparseAttentionPass(Pass):
 
     def finish(self, model: nn.Module, kept: dict[str, Option | None], outcomes: dict[str, list[Outcome]],
                context: ApplyContext) -> PassResult:
-        if self._image:
+        if _on_images(context):
             return image_finish(self.name, model, kept, outcomes)
         tried = outcomes["coverage"]
         details: dict[str, Any] = {"search_s": round(self._search_s, 1), "calibration_tokens": self._cal_len,

@@ -11,6 +11,8 @@ Installed through diffusers' processor API (`backends/sparse/image_attention.py`
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,21 +22,21 @@ from torch import nn
 from optpass.backends.sparse.execute import block_sparse_attention
 from optpass.backends.sparse.image_attention import ImageSparsity, install_image_sparse, self_attention_modules
 from optpass.backends.sparse.layout import density
-from optpass.backends.sparse.timing import _seconds
 from optpass.cost_models.hardware import HardwareSpec
-from optpass.cost_models.sparse_attention import attention_pair, image_estimate
+from optpass.cost_models.sparse_attention import attention_pair, image_attention, image_estimate
+from optpass.measure import interleaved_rounds
 from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, PassResult
-from optpass.sites import ModelGraph
+from optpass.sites import AttentionSite, ModelGraph
 
 RADIUS_SHARES = (0.125, 0.25, 0.5)  # radius as a share of the grid's longer side, most aggressive first
 ASSUMED_DENSITY = 0.25  # the planning estimate's layout density, before the grid is known
 
 
 def image_candidate(name: str, graph: ModelGraph, spec: HardwareSpec, block: int) -> Candidate:
-    sites = tuple(a.name for a in graph.attentions if not a.causal)
     est = image_estimate(graph, spec, ASSUMED_DENSITY, block)
-    if not sites or est is None:
-        return Candidate.skip(name, sites, "no bidirectional self-attention over image tokens was captured")
+    if est is None:
+        return Candidate.skip(name, (), "no bidirectional self-attention over image tokens was captured")
+    sites = tuple(a.name for a in image_attention(graph)[0])
     label = f"2D-local image attention @ {est.tokens} tokens (planned at density {ASSUMED_DENSITY})"
     return Candidate(name, sites, {}, est, label=label, paths=("module",))
 
@@ -60,29 +62,30 @@ def radii(grid: tuple[int, int], block: int) -> list[tuple[int, float]]:
     return out
 
 
-def measured_speedup(module: nn.Module, plan: ImageSparsity, grid: tuple[int, int], batch: int,
+def measured_speedup(site: AttentionSite, plan: ImageSparsity, grid: tuple[int, int], batch: int,
                      repeats: int = 3) -> float:
-    """Dense SDPA / block-sparse seconds of one of the model's attention calls at `grid` (interleaved medians)."""
-    heads = getattr(module, "heads", None) or 1
-    dim = module.to_q.out_features // heads if hasattr(module, "to_q") else 64
+    """Dense SDPA / block-sparse seconds of one attention call of the captured site's shape at `grid` (interleaved
+    rounds, medians)."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, grid[0] * grid[1], dim, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(batch, site.num_heads, grid[0] * grid[1], site.head_dim, generator=g) for _ in range(3))
     keep = plan.keep(*grid)
-    fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v),
-           "sparse": lambda: block_sparse_attention(q, k, v, keep, plan.block, dim ** -0.5, causal=False)}
-    fns["sparse"]()  # compiled once per process
-    times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    for r in range(repeats):
-        for name in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
-            times[name].append(_seconds(fns[name]))
-    return sorted(times["dense"])[repeats // 2] / sorted(times["sparse"])[repeats // 2]
+
+    def timed(fn: Callable[[], Any]) -> Callable[[], dict[str, float]]:
+        def run() -> dict[str, float]:
+            start = time.perf_counter()
+            fn()
+            return {"s": time.perf_counter() - start}
+        return run
+    samples = interleaved_rounds({  # the warm-up round compiles the sparse kernel once per process
+        "dense": timed(lambda: F.scaled_dot_product_attention(q, k, v)),
+        "sparse": timed(lambda: block_sparse_attention(q, k, v, keep, plan.block, site.head_dim ** -0.5,
+                                                       causal=False))}, repeats, warmup=1)
+    dense, sparse = (sorted(samples[n]["s"])[repeats // 2] for n in ("dense", "sparse"))
+    return dense / sparse
 
 
-def predicted_speedup(graph: ModelGraph | None, spec: HardwareSpec, rho: float, block: int, tokens: int,
-                      batch: int) -> float | None:
-    site = next((a for a in graph.attentions if not a.causal), None) if graph else None
-    if site is None:
-        return None
+def predicted_speedup(site: AttentionSite, spec: HardwareSpec, rho: float, block: int, tokens: int,
+                      batch: int) -> float:
     dense, sparse = attention_pair(site, spec, tokens, rho, block, causal=False, batch=batch)
     return dense / sparse
 
@@ -100,20 +103,20 @@ def image_decisions(name: str, model: nn.Module, block: int, context: ApplyConte
     if not options:
         return PassResult(name, model, False, reason=f"a {grid[0]}x{grid[1]} grid is {tokens} tokens in "
                           f"{block}-token blocks: a 2D window of any radius keeps every block, nothing to skip")
-    batch = max(1, int(context.graph.attentions[0].q_shape[0])) if context.graph and context.graph.attentions \
-        and context.graph.attentions[0].q_shape[0].isdigit() else 1
+    captured = image_attention(context.graph) if context.graph else None
+    if captured is None:
+        return PassResult(name, model, False, reason="no bidirectional self-attention over image tokens was captured")
+    site, batch = captured[0][0], captured[1]
     band = getattr(context.target, "error_band", 0.05)
-    module = next(iter(self_attention_modules(model).values()))
 
     def option(radius: int, rho: float) -> Option:
         figures: dict[str, Any] = {"radius": radius, "density": round(rho, 4), "grid": list(grid)}
 
         def apply(m: nn.Module) -> Any:
             forced = ImageSparsity(radius, block, min_tokens=2)
-            predicted = predicted_speedup(context.graph, context.target, rho, block, tokens, batch)
-            measured = measured_speedup(module, forced, grid, batch)
-            figures.update(predicted_speedup=round(predicted, 3) if predicted else None,
-                           measured_speedup=round(measured, 3))
+            predicted = predicted_speedup(site, context.target, rho, block, tokens, batch)
+            measured = measured_speedup(site, forced, grid, batch)
+            figures.update(predicted_speedup=round(predicted, 3), measured_speedup=round(measured, 3))
             pays = measured * (1 - band) > 1.0
             figures["min_tokens"] = tokens if pays else tokens + 1
             undo, _ = install_image_sparse(m, ImageSparsity(radius, block, figures["min_tokens"]))

@@ -186,8 +186,9 @@ def test_cli_round_trip_keeps_the_patterns(tmp_path, tiny_llama):
 
 
 def test_the_lowering_stays_exact_past_dynamos_recompile_limit():
-    """Each (causal, block, scale) gets its own compiled FlexAttention: one shared function hit the recompile limit
-    and ran FlexAttention eagerly, which attends to every key its mask function allows (dense, silently)."""
+    """Each (causal, block, scale) gets its own compiled FlexAttention, and one past the recompile limit a fresh
+    one: a function at the limit ran FlexAttention eagerly, which attends to every key its mask function allows
+    (dense, silently)."""
     import torch._dynamo.config as dynamo_config
     import torch.nn.functional as F
 
@@ -195,8 +196,9 @@ def test_the_lowering_stays_exact_past_dynamos_recompile_limit():
     seq, block = 64, 16
     keep = (torch.rand(1, 1, 4, 4, generator=g) < 0.5) | torch.eye(4, dtype=torch.bool)
     with dynamo_config.patch(recompile_limit=1):  # config.patch restores it (monkeypatch would delete the key)
-        for dim, causal in ((8, False), (16, False), (16, True)):
-            q, k, v = (torch.randn(1, 2, seq, dim, generator=g) for _ in range(3))
+        # three keys, then the first key again at another batch (a shape recompile of its own function)
+        for dim, causal, batch in ((8, False, 1), (16, False, 1), (16, True, 1), (8, False, 3)):
+            q, k, v = (torch.randn(batch, 2, seq, dim, generator=g) for _ in range(3))
             layout = clip_causal(keep) if causal else keep
             out = block_sparse_attention(q, k, v, keep, block, dim ** -0.5, causal=causal)
             ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(layout, seq, seq, block, causal=causal))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from optpass.backends.kv.attention import decode_steps
+from optpass.backends.own_code import own_code
 from optpass.backends.runtime.gate import DraftGate
 from optpass.backends.runtime.plan import DecodePlan
 from optpass.backends.runtime.proposers import Proposer, make_proposer
@@ -44,14 +44,6 @@ from optpass.hf_compat import last_logits_only, with_cache
 
 MIN_BUCKET = 256
 KV_CONTEXT_BUCKET = 256  # compressed caches: budgets follow the prompt length rounded up to this
-_STEP_IDS = itertools.count()
-
-
-def _own_code(fn: types.FunctionType) -> types.FunctionType:
-    """A copy of `fn` with its own code object. Dynamo caches compiled graphs per code object, and with guards
-    skipped nothing would tell two engines' (or two buckets') steps apart: each must have its own code."""
-    code = fn.__code__.replace(co_name=f"optpass_decode_step_{next(_STEP_IDS)}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def cache_bucket(needed: int, max_cache_len: int) -> int:
@@ -152,7 +144,8 @@ class DecodeEngine:
         options = {"freezing": True, "cpp_wrapper": True,
                    # the step's inputs keep their shapes and its cache its storage: no guard can fail
                    "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
-        return torch.compile(_own_code(step), fullgraph=True, dynamic=False, options=options)
+        # own code: with guards skipped nothing would tell two engines' (or two buckets') steps apart
+        return torch.compile(own_code(step, "optpass_decode_step"), fullgraph=True, dynamic=False, options=options)
 
     def _select(self, batch: int, prompt: int, needed: int, slack: int = 0) -> tuple[Callable[..., Callable], int | None]:
         """Make the cache of this (batch, bucket) current; return `step_for(width, stage)` and the mask length."""

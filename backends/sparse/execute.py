@@ -9,35 +9,42 @@ key / value [B, Hk, S, D] (grouped-query heads), keep [B or 1, H, nQ, nK]; retur
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from optpass.backends.own_code import own_code
 from optpass.backends.sparse.layout import as_indices, clip_causal, kv_blocks
 
 _compiled: dict[tuple, Callable] = {}
 
 
 def _flex(key: tuple) -> Callable:
-    """A compiled FlexAttention per (causal, block, scale, grouped-query) key, each its own code object.
-
-    Dynamo specialises on the mask function, the block size and the float scale, and counts recompiles per code
-    object: with one shared compiled function, a process that met 8 such combinations (the test suite does) hit
-    the recompile limit and silently ran FlexAttention eagerly, which ignores the block lists and attends to every
-    key its mask function allows (all keys here: the layout lives in the block lists). One function per key keeps
-    each to its shape recompiles (dynamic shapes: one kernel for every length)."""
+    """A compiled FlexAttention per (causal, block, scale, grouped-query) key, each its own code object (dynamic
+    shapes: one kernel for every length). Dynamo specialises on the mask function, the block size and the float
+    scale, and counts recompiles per code object, so keys do not use up each other's recompiles."""
     if key not in _compiled:
         from torch.nn.attention.flex_attention import flex_attention
 
         def attend(*args: Any, **kwargs: Any) -> Tensor:
             return flex_attention(*args, **kwargs)
-        code = attend.__code__.replace(co_name=f"optpass_flex_{len(_compiled)}")
-        own = types.FunctionType(code, attend.__globals__, code.co_name, None, attend.__closure__)
-        _compiled[key] = torch.compile(own, dynamic=True)
+        # fullgraph: past the recompile limit Dynamo raises instead of running FlexAttention eagerly, which
+        # ignores the block lists and attends to every key its mask function allows (all keys here: silently dense)
+        _compiled[key] = torch.compile(own_code(attend, "optpass_flex"), dynamic=True, fullgraph=True)
     return _compiled[key]
+
+
+def _flex_call(key: tuple, *args: Any, **kwargs: Any) -> Tensor:
+    """The compiled call; a key whose function reached Dynamo's recompile limit gets a fresh one (compiled anew)."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    try:
+        return _flex(key)(*args, **kwargs)
+    except FailOnRecompileLimitHit:
+        del _compiled[key]
+        return _flex(key)(*args, **kwargs)
 
 
 def _causal(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
@@ -68,4 +75,5 @@ def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tens
     mask = BlockMask.from_kv_blocks(partial_n, partial_i, full_n, full_i, BLOCK_SIZE=block, mask_mod=mask_mod,
                                     seq_lengths=(seq, seq))
     gqa = key.shape[1] != heads
-    return _flex((causal, block, float(scale), gqa))(query, key, value, block_mask=mask, scale=scale, enable_gqa=gqa)
+    return _flex_call((causal, block, float(scale), gqa), query, key, value, block_mask=mask, scale=scale,
+                      enable_gqa=gqa)

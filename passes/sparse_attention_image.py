@@ -11,8 +11,6 @@ Installed through diffusers' processor API (`backends/sparse/image_attention.py`
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +22,7 @@ from optpass.backends.sparse.image_attention import ImageSparsity, install_image
 from optpass.backends.sparse.layout import density
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.sparse_attention import attention_pair, image_attention, image_estimate
-from optpass.measure import interleaved_rounds
+from optpass.measure import interleaved_times
 from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, PassResult
 from optpass.sites import AttentionSite, ModelGraph
 
@@ -69,18 +67,11 @@ def measured_speedup(site: AttentionSite, plan: ImageSparsity, grid: tuple[int, 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, site.num_heads, grid[0] * grid[1], site.head_dim, generator=g) for _ in range(3))
     keep = plan.keep(*grid)
-
-    def timed(fn: Callable[[], Any]) -> Callable[[], dict[str, float]]:
-        def run() -> dict[str, float]:
-            start = time.perf_counter()
-            fn()
-            return {"s": time.perf_counter() - start}
-        return run
-    samples = interleaved_rounds({  # the warm-up round compiles the sparse kernel once per process
-        "dense": timed(lambda: F.scaled_dot_product_attention(q, k, v)),
-        "sparse": timed(lambda: block_sparse_attention(q, k, v, keep, plan.block, site.head_dim ** -0.5,
-                                                       causal=False))}, repeats, warmup=1)
-    dense, sparse = (sorted(samples[n]["s"])[repeats // 2] for n in ("dense", "sparse"))
+    times = interleaved_times({  # the warm-up round compiles the sparse kernel once per process
+        "dense": lambda: F.scaled_dot_product_attention(q, k, v),
+        "sparse": lambda: block_sparse_attention(q, k, v, keep, plan.block, site.head_dim ** -0.5, causal=False)},
+        repeats, warmup=1)
+    dense, sparse = (sorted(times[n])[repeats // 2] for n in ("dense", "sparse"))
     return dense / sparse
 
 

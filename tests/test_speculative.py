@@ -97,6 +97,39 @@ def processors_none():
     return LogitsProcessorList()
 
 
+def test_greedy_with_eos_bans_skips_the_processors_only_where_they_cannot_matter(monkeypatch):
+    """min_new_tokens only bans EOS: where the raw argmax is not EOS the runtime takes it without calling the
+    vocabulary-sized processors; where it is, the processors run and the runner-up is chosen."""
+    from transformers import GenerationConfig, MinNewTokensLengthLogitsProcessor
+
+    eos = 5
+    config = GenerationConfig(do_sample=False, min_new_tokens=50, eos_token_id=eos)
+    choice = TokenChoice(processors(config, prompt_len=3, eos=[eos]))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    logits = torch.randn(2, 10, generator=g)
+    logits[1, eos] = 9.0  # row 1's raw argmax is EOS, still banned (1 of 50 new tokens)
+    expected = choice.procs(ids, logits.clone()).argmax(-1)
+    assert expected[1] != eos and torch.equal(choice.next(ids, logits, logits.argmax(-1)), expected)
+    calls = []
+    original = MinNewTokensLengthLogitsProcessor.__call__
+    monkeypatch.setattr(MinNewTokensLengthLogitsProcessor, "__call__",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    logits[1, eos] = -9.0
+    assert torch.equal(choice.next(ids, logits, logits.argmax(-1)), logits.argmax(-1)) and not calls
+    verify_logits = torch.randn(2, 3, 10, generator=g)
+    verify_logits[..., eos] = -9.0
+    argmax = verify_logits.argmax(-1)
+    draft = argmax[:, :2]
+    got = choice.accept(ids, draft, verify_logits, argmax, 2, torch.tensor([True, True]))
+    assert torch.equal(got, argmax) and not calls  # both drafts agree: accepted without processor calls
+    verify_logits[0, 1, eos] = 9.0  # EOS at a verify position: the processors decide there
+    assert torch.equal(choice.accept(ids, draft, verify_logits, verify_logits.argmax(-1), 2, torch.tensor([True, True])),
+                       accept(ids, draft, verify_logits, verify_logits.argmax(-1), choice.procs, False, 2,
+                              torch.tensor([True, True])))
+    assert calls
+
+
 def test_speculative_sampling_emits_the_models_distribution():
     """First emitted token with a point-mass draft: accepted with p(d), else drawn from p without d; its
     frequency must match p (4-sigma binomial bound per token) for a likely and an unlikely draft."""

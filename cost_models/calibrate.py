@@ -48,7 +48,7 @@ _LOADED: dict[str, HardwareSpec | None] = {}
 
 
 def fingerprint() -> dict[str, Any]:
-    """What a calibration depends on: torch version, thread count, ISA flags, CPU model."""
+    """What a calibration depends on: torch version, thread count, ISA flags, CPU model, optpass's kernels."""
     flags: set[str] = set()
     model = ""
     try:
@@ -61,7 +61,18 @@ def fingerprint() -> dict[str, Any]:
     except OSError:
         pass
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": model,
-            "capability": torch.backends.cpu.get_cpu_capability(), "isa": sorted(flags & set(_ISA))}
+            "capability": torch.backends.cpu.get_cpu_capability(), "isa": sorted(flags & set(_ISA)),
+            "kernels": _kernel_sources_digest()}
+
+
+def _kernel_sources_digest() -> str:
+    """A digest of optpass's C++ kernel sources: a calibration timed other kernels once they change."""
+    from optpass.backends.cpu.gemv_ops import _SOURCES
+
+    h = hashlib.sha256()
+    for path in _SOURCES:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def cache_path(fp: dict[str, Any] | None = None) -> Path:
@@ -301,7 +312,7 @@ def load_with_reason(path: Path | None = None) -> tuple[dict[str, Any] | None, s
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         return None, f"{path} has another format (written by another optpass version)"
     if record.get("fingerprint") != fp:
-        return None, f"{path} was taken with another torch, thread count or CPU"
+        return None, f"{path} was taken with another torch, thread count, CPU or kernel build"
     bad = problems(record)
     if bad:
         return None, f"{path} is implausible: " + "; ".join(bad)

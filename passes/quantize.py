@@ -101,7 +101,7 @@ class QuantizePass(Pass):
             return out
         # a tied head's float table goes too: the input embedding then reads the quantized head's rows
         d_mem = sum(weight_bytes(s, scheme, gs) - weight_bytes(s, "fp32") for s in ok)
-        d_mem += sum(_kernel_copy_bytes(scheme, s, target) for s in ok)
+        d_mem += sum(_kernel_copy_bytes(scheme, s, gs, target) for s in ok)
         w8a8 = None
         if self.config.w8a8 and scheme == "int8" and not gs:
             w8a8 = min((c for s in ok if (c := w8a8_crossover(s, target)) is not None), default=None)
@@ -177,14 +177,16 @@ class QuantizePass(Pass):
                           reason="" if done else "no chosen linear call has a constant float weight")
 
 
-def _kernel_copy_bytes(scheme: str, site: LinearSite, target: HardwareSpec) -> int:
+def _kernel_copy_bytes(scheme: str, site: LinearSite, group_size: int | None, target: HardwareSpec) -> int:
     """Resident bytes of the layout a CPU kernel reads beside the canonical tensors (derived, not saved):
-    int8's packed copy on VNNI CPUs, int4's tinygemm weight."""
+    int8's packed copy on VNNI CPUs; int4's packed copy there (fp16 scale and offset per group), its tinygemm
+    weight elsewhere."""
     if target.kind != "cpu":
         return 0
+    n, k = site.out_features, site.in_features
     if scheme == "int8":
-        return site.out_features * site.in_features if gemv_ops.packed_available() else 0
-    return site.out_features * site.in_features // 2
+        return n * k if gemv_ops.packed_available() else 0
+    return n * k // 2 + (4 * n * k // (group_size or k) if gemv_ops.packed_available() else 0)
 
 
 def _group_supported(scheme: str, site: LinearSite, group_size: int) -> str | None:

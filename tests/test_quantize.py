@@ -55,8 +55,11 @@ def test_int8_prefill_runs_w8a8_int_mm(linear):
     assert "aten.mm" in _ops(Int8Linear.from_linear(linear), rows=64)  # dequantized bf16 GEMM
 
 
-def test_int4_runs_tinygemm_kernel(linear):
+def test_int4_runs_tinygemm_kernel(linear, monkeypatch):
+    """Without the packed GEMV (a CPU without VNNI): tinygemm below 64 rows, the dequantized GEMM from there."""
+    monkeypatch.setattr(gemv_ops, "packed_available", lambda: False)
     module = Int4Linear.from_linear(linear, 32)
+    assert module.kernel_gemv is None
     assert "aten._weight_int4pack_mm_for_cpu" in _ops(module, rows=1)
     assert "aten._weight_int4pack_mm_for_cpu" in _ops(module, rows=32)  # still faster than the dequant path here
     prefill = _ops(module, rows=64)
@@ -68,6 +71,50 @@ def test_int4_runs_tinygemm_kernel(linear):
         assert quant_linear.gemm_dtype(torch.bfloat16) == torch.float32
     module.act_dtype = torch.float32  # the fused kernel is bf16-only: fp32 activations dequantize
     assert "aten._weight_int4pack_mm_for_cpu" not in _ops(module, rows=1)
+
+
+@pytest.mark.skipif(not gemv_ops.packed_available(), reason="the packed GEMV needs AVX-512 VNNI")
+def test_int4_decodes_through_the_packed_kernel_and_keeps_no_tinygemm_copy(linear):
+    module = Int4Linear.from_linear(linear, 32)
+    assert module.kernel_weight is None and module.decode_tensors[0] == "kernel_gemv"
+    for rows in (1, 8):
+        assert "optpass.gemv_int4_packed" in _ops(module, rows=rows)
+    middle = _ops(module, rows=9)  # past the GEMV: the dequantized GEMM, not tinygemm
+    assert "optpass.gemv_int4_packed" not in middle and "aten.mm" in middle
+
+
+@pytest.mark.skipif(not gemv_ops.packed_available(), reason="the packed GEMV needs AVX-512 VNNI")
+@pytest.mark.parametrize("n, k, group", [(96, 256, 32), (50, 640, 64), (33, 512, 256)])
+def test_packed_int4_gemv_matches_the_dequantized_product_and_is_row_exact(n, k, group):
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // group, generator=g) / 100 + 1e-3
+    zero = torch.rand(n, k // group, generator=g) * 15
+    nibbles, packed_scale, offset = gemv_ops.pack_int4_rows(q, scale, zero, group)
+    assert nibbles.shape == (-(-n // 32), k // 4, 64) and offset.shape == packed_scale.shape == (-(-n // 32), k // group, 32)
+    ref_w = (q.double() - zero.double().repeat_interleave(group, 1)) * scale.double().repeat_interleave(group, 1)
+    x = torch.randn(8, k, generator=g) * 3
+    got = torch.ops.optpass.gemv_int4_packed(x, nibbles, packed_scale, offset, n)
+    ref = x.double() @ ref_w.T
+    # fp16 scales (relative error <= 2^-11) and int16 activations bound the difference
+    torch.testing.assert_close(got.double(), ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+    for i in range(8):  # a verify step's row i is the one-row step at that position
+        assert torch.equal(got[i:i + 1], torch.ops.optpass.gemv_int4_packed(x[i:i + 1], nibbles, packed_scale, offset, n))
+    # the worst case for int32 lanes: every product at its largest, one sign, the largest group
+    x = torch.full((1, k), 7.0)
+    ones = torch.ones(n, k // group)
+    big = gemv_ops.pack_int4_rows(torch.full((n, k), 15, dtype=torch.uint8), ones, torch.zeros(n, k // group), group)
+    torch.testing.assert_close(torch.ops.optpass.gemv_int4_packed(x, *big, n), torch.full((1, n), 7.0 * 15 * k),
+                               rtol=1e-6, atol=0)
+
+
+def test_pack_int4_rows_declines_what_the_kernel_cannot_hold():
+    q, zero = torch.zeros(64, 64, dtype=torch.uint8), torch.zeros(64, 2)
+    assert gemv_ops.pack_int4_rows(q, torch.full((64, 2), 1e-6), zero, 32) is None  # below fp16's normal range
+    assert gemv_ops.pack_int4_rows(q, torch.ones(64, 2), zero, 32) is not None
+    assert gemv_ops.pack_int4_rows(q[:, :62], torch.ones(64, 2), zero, 31) is None  # K not a multiple of 4
+    assert gemv_ops.pack_int4_rows(q, torch.ones(64, 1), torch.zeros(64, 1), 64) is not None
+    assert gemv_ops.pack_int4_rows(torch.zeros(4, 512, dtype=torch.uint8), torch.ones(4, 1), torch.zeros(4, 1), 512) is None
 
 
 @pytest.mark.skipif(not gemv_ops.available(), reason="optpass C++ kernels not built here")
@@ -164,7 +211,7 @@ def test_int4_numerics(linear, group_size, rows):
     x = torch.randn(rows, 256)
     with torch.no_grad():
         ref = F.linear(x, module.dequantized_weight(), linear.bias)
-        assert ((module(x) - ref).norm() / ref.norm()) < 1e-2  # bf16 activations only
+        assert ((module(x) - ref).norm() / ref.norm()) < 1e-2  # bf16 activations (tinygemm, prefill) at worst
 
 
 def test_int4_is_exact_on_a_q4_grid():

@@ -71,12 +71,18 @@ def _register_fakes() -> None:
         def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
             return x.new_empty((x.shape[0], n), dtype=torch.float32)
 
+        @torch.library.register_fake("optpass::gemv_int4_packed")
+        def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, centre_offset: torch.Tensor,
+              n: int) -> torch.Tensor:
+            return x.new_empty((x.shape[0], n), dtype=torch.float32)
+
 
 PACKED_OUT = 32  # output channels per block of the packed layout (two 16-lane vectors)
 
 
 def packed_available() -> bool:
-    """Whether `optpass::gemv_int8_packed` exists: built, on a CPU with AVX-512 VNNI (its only kernel)."""
+    """Whether `optpass::gemv_int8_packed` and `gemv_int4_packed` exist: built, on a CPU with AVX-512 VNNI (their
+    only kernels)."""
     return available() and hasattr(torch.ops.optpass, "gemv_int8_packed")
 
 
@@ -105,3 +111,29 @@ def pack_group_scales(scale: torch.Tensor, group: int) -> torch.Tensor | None:
     padded = scale.new_zeros(blocks * PACKED_OUT, groups, dtype=torch.float32)
     padded[:n] = scale
     return padded.view(blocks, PACKED_OUT, groups).transpose(1, 2).contiguous()
+
+
+_FP16_NORMAL_MIN, _FP16_MAX = 2.0**-14, 65504.0
+
+
+def pack_int4_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Unpacked int4 values [N, K] (0..15), scale and zero [N, K / group] -> `gemv_int4_packed`'s operands:
+    nibbles [ceil(N / 32), K / 4, 64] (per input quad, byte 4 * o + i holds output o's input i in its low nibble
+    and output 16 + o's in its high nibble, for the block's 32 outputs), fp16 scale and centre offset
+    (8 - zero) * scale packed like `pack_group_scales`.
+    None where the kernel cannot take the weight exactly enough: K or the group not a multiple of 4, a group it
+    cannot sum, or a scale outside fp16's normal range (there fp16 would round it coarser than tinygemm's bf16)."""
+    n, k = q.shape
+    nonzero = scale[scale != 0].abs()
+    centre_offset = (8.0 - zero.float()) * scale.float()
+    if k % 4 or group % 4 or group > MAX_PACKED_GROUP or (nonzero.numel() and (
+            nonzero.min() < _FP16_NORMAL_MIN or nonzero.max() > _FP16_MAX)) or centre_offset.abs().max() > _FP16_MAX:
+        return None
+    blocks = -(-n // PACKED_OUT)
+    padded = q.new_zeros(blocks * PACKED_OUT, k, dtype=torch.uint8)
+    padded[:n] = q.to(torch.uint8)
+    halves = padded.view(blocks, 2, PACKED_OUT // 2, k // 4, 4).permute(0, 3, 2, 4, 1)  # [b, quad, out, in, half]
+    nibbles = (halves[..., 0] | (halves[..., 1] << 4)).reshape(blocks, k // 4, 2 * PACKED_OUT).contiguous()
+    return (nibbles, pack_group_scales(scale.float(), group).half(),
+            pack_group_scales(centre_offset, group).half())

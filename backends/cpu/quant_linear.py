@@ -5,8 +5,9 @@ y[..., N] = x[..., K] @ W.T (+ b) with W stored in the canonical format of `back
   M >= `w8a8_min_rows` (opt-in, at the cost model's crossover) uses W8A8 dynamic: activations quantized per
   token and `torch._int_mm` (VNNI); other M >= `dequant_min_rows` (32; 16 for vocabulary-sized weights)
   dequantize to bf16 for a compute-bound GEMM; the rows in between use `aten._weight_int8pack_mm`.
-- `Int4Linear`: `aten._weight_int4pack_mm_for_cpu` on the tinygemm layout derived from the canonical one below
-  `dequant_min_rows` (64) rows; from there the weight is dequantized to bf16 for a compute-bound GEMM.
+- `Int4Linear`: decode rows (M <= 8) use optpass's packed int4 GEMV on AVX-512 VNNI CPUs (2-3x tinygemm's time
+  at SmolLM2's shapes, and exact integer sums); elsewhere `aten._weight_int4pack_mm_for_cpu` on the tinygemm
+  layout below `dequant_min_rows` (64) rows. From there the weight is dequantized to bf16 for a compute-bound GEMM.
 Eager dequantization goes piecewise into one reused bf16 workspace (`optpass::dequant_bf16_`, C++): built
 from plain ops, its weight-sized temporaries landed on freshly mapped pages every call and cost ~3x the GEMM.
 
@@ -251,26 +252,44 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """Weight-only int4, group-wise asymmetric with float zero points (tinygemm kernel on CPU)."""
+    """Weight-only int4, group-wise asymmetric with float zero points. Decode rows (M <= 8) read a packed copy
+    through optpass's VNNI GEMV (`gemv_ops.pack_int4_rows`) where it exists; otherwise tinygemm below
+    `dequant_min_rows` rows, and the bf16 dequantized GEMM from there."""
 
-    decode_tensors = ("kernel_weight", "kernel_scales_zeros")
+    @property
+    def decode_tensors(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self.kernel_gemv is None:
+            return ("kernel_weight", "kernel_scales_zeros")
+        return ("kernel_gemv", "kernel_gemv_scale", "kernel_gemv_offset")
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                  bias: torch.Tensor | None = None, act_dtype: torch.dtype = torch.bfloat16,
                  dequant_min_rows: int | None = 64) -> None:
         super().__init__(packed.shape[1] * 2, packed.shape[0], bias, act_dtype)
-        self.group_size, self.dequant_min_rows = group_size, dequant_min_rows
+        self.group_size, self.tinygemm_min_rows = group_size, dequant_min_rows
         self.register_buffer("qweight", packed.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero", zero.float().contiguous())
+        self.use_gemv = gemv_ops.available()  # resolved (and built) here, never inside a compiled region
         self.refresh_kernels()
 
     def refresh_kernels(self) -> None:
-        q = unpack_int4(self.qweight).to(torch.int32)
-        self.register_buffer("kernel_weight", aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
-        # tinygemm computes (q - 8) * s + z_f; ours is (q - zero) * s, so z_f = (8 - zero) * s.
-        sz = torch.stack([self.scale, (8.0 - self.zero) * self.scale], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("kernel_scales_zeros", sz.to(self.act_dtype), persistent=False)
+        q = unpack_int4(self.qweight)
+        gemv = gemv_ops.pack_int4_rows(q, self.scale, self.zero, self.group_size) \
+            if self.use_gemv and gemv_ops.packed_available() else None
+        for name, t in zip(("kernel_gemv", "kernel_gemv_scale", "kernel_gemv_offset"), gemv or (None,) * 3):
+            self.register_buffer(name, t, persistent=False)
+        # with the packed GEMV, rows past it go to the dequantized GEMM and no tinygemm copy is kept (one derived
+        # copy, not two)
+        self.dequant_min_rows = gemv_ops.MAX_ROWS + 1 if gemv else self.tinygemm_min_rows
+        weight, sz = None, None
+        if gemv is None:
+            weight = aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            # tinygemm computes (q - 8) * s + z_f; ours is (q - zero) * s, so z_f = (8 - zero) * s.
+            sz = torch.stack([self.scale, (8.0 - self.zero) * self.scale], dim=-1).transpose(0, 1).contiguous()
+            sz = sz.to(self.act_dtype)
+        self.register_buffer("kernel_weight", weight, persistent=False)
+        self.register_buffer("kernel_scales_zeros", sz, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, act_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
@@ -281,7 +300,10 @@ class Int4Linear(QuantizedLinear):
         if x2d.is_cuda:
             return torch.ops.optpass.int4_weight_only_linear(
                 x2d.to(self.act_dtype), self.qweight, self.scale, self.zero, self.group_size, None)
-        if _use_dequant(x2d.shape[0], self.dequant_min_rows, self.act_dtype):
+        if self.kernel_gemv is not None and x2d.shape[0] <= gemv_ops.MAX_ROWS:
+            return torch.ops.optpass.gemv_int4_packed(x2d.float(), self.kernel_gemv, self.kernel_gemv_scale,
+                                                      self.kernel_gemv_offset, self.out_features)
+        if self.kernel_weight is None or _use_dequant(x2d.shape[0], self.dequant_min_rows, self.act_dtype):
             return self._dequantized_matmul(x2d)
         return aten._weight_int4pack_mm_for_cpu(x2d.to(self.act_dtype), self.kernel_weight, self.group_size,
                                                 self.kernel_scales_zeros)

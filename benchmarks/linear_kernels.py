@@ -29,9 +29,9 @@ NEVER = 1 << 30
 def arms(lin: torch.nn.Linear) -> dict[str, torch.nn.Module]:
     """fp32, each quantized kernel forced (by its row thresholds), and the default dispatch."""
     def forced(mod: torch.nn.Module, dequant_from: int, gemv: bool = False) -> torch.nn.Module:
+        mod.use_gemv = gemv
+        mod.refresh_kernels()  # int4 derives its packed GEMV copy or its tinygemm copy from `use_gemv`
         mod.dequant_min_rows = dequant_from
-        if hasattr(mod, "use_gemv"):
-            mod.use_gemv = gemv
         return mod
 
     return {
@@ -39,6 +39,7 @@ def arms(lin: torch.nn.Linear) -> dict[str, torch.nn.Module]:
         "int8 gemv (C++)": forced(Int8Linear.from_linear(lin), NEVER, gemv=True),
         "int8pack": forced(Int8Linear.from_linear(lin), NEVER),
         "int8 dequant + bf16 GEMM": forced(Int8Linear.from_linear(lin), 1),
+        "int4 gemv (C++)": forced(Int4Linear.from_linear(lin, 32), NEVER, gemv=True),
         "int4 tinygemm": forced(Int4Linear.from_linear(lin, 32), NEVER),
         "int4 dequant + bf16 GEMM": forced(Int4Linear.from_linear(lin, 32), 1),
         "Int8Linear": Int8Linear.from_linear(lin),

@@ -1,4 +1,4 @@
-"""`optpass::gemv_int8`: a memory-bound int8 weight-only GEMV for CPU decode.
+"""`optpass::gemv_int8` / `gemv_int4_packed`: memory-bound weight-only GEMVs for CPU decode.
 
 y[M, N] = x[M, K] @ dequant(W)[N, K].T with fp32 activations and M <= 8 (decode rows).
 `optpass::gemv_int8_packed` is the same product on a packed copy of W (`pack_rows`: output channels in vector
@@ -6,8 +6,9 @@ lanes) for AVX-512 VNNI CPUs: bit-identical results (exact integer sums in both)
 cost far less (`benchmarks/verify_kernels.py`: ~27% less at 6 rows, ~34% at 8), since the row layout spends
 its time on per-output horizontal sums and per-row activation reloads; one row is no slower within noise.
 PyTorch's `_weight_int8pack_mm` streams cold weights at ~12 GB/s on the 2-core AVX-512 machine of
-shared/PEERS.md; `csrc/gemv.cpp` (four independent accumulators) reaches ~18-24 GB/s. (An int4 variant was slower than
-aten's tinygemm kernel on this Zen 4 CPU, so int4 uses tinygemm.) The op is
+shared/PEERS.md; `csrc/gemv.cpp` (four independent accumulators) reaches ~18-24 GB/s. A float-accumulating int4
+variant was slower than aten's tinygemm kernel on this Zen 4 CPU; `gemv_int4_packed` (VNNI, nibbles in output
+lanes, `pack_int4_rows`) takes 1/2-1/3 of tinygemm's time at SmolLM2's shapes with fp32 activations. The ops are
 registered with the dispatcher in C++, so a compiled decode step calls them with no Python in between;
 fake impls here let torch.export / torch.compile trace them as single opaque ops. The library is built
 on first use with torch.utils.cpp_extension (~30 s, cached). If the build fails (no compiler),

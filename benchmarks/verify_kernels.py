@@ -1,7 +1,9 @@
 """The two kernels a speculative verify step multiplies, per query-row count, at SmolLM2-135M's decode shapes:
 `optpass::decode_attention` (9 query / 3 KV heads, head dim 64, 1.2k valid of 2k cache slots) and
 `optpass::gemv_int8` / `gemv_int8_packed` over one decode step's weights (30 blocks' q/k/v/o/gate/up/down + the 49k-row head,
-per-channel and g32 scales). Rows 1 = a one-token step; 6 = a verify step drafting 5 tokens. Times are per
+per-channel and g32 scales), and int4 g32 over the 30 blocks' weights (the int4 arm keeps an int8 head):
+`optpass::gemv_int4_packed` against aten's tinygemm (`_weight_int4pack_mm_for_cpu`, bf16 activations, what
+`Int4Linear` runs without VNNI). Rows 1 = a one-token step; 6 = a verify step drafting 5 tokens. Times are per
 whole step (30 layers). Interleaved rounds, medians (benchmarks/harness.py).
 
 `--attention-baseline FILE.cpp` also builds an older copy of `decode_attention.cpp` (e.g. `git show
@@ -98,6 +100,38 @@ def gemv_variant(rows: int, scales: str, packed: bool) -> Variant:
                    note="every linear of a SmolLM2 decode step, int8 weights")
 
 
+def gemv_int4_variant(rows: int, kernel: str) -> Variant:
+    """kernel: "packed" (optpass's VNNI GEMV) or "tinygemm" (aten), int4 g32 with float zero points."""
+    aten = torch.ops.aten
+
+    def setup() -> list[tuple]:
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for n, k in LINEARS * LAYERS:
+            q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+            scale, zero = torch.rand(n, k // 32, generator=g) / 50 + 1e-3, torch.rand(n, k // 32, generator=g) * 15
+            x = torch.randn(rows, k, generator=g)
+            if kernel == "packed":
+                out.append((x, *gemv_ops.pack_int4_rows(q, scale, zero, 32), n))
+            else:
+                sz = torch.stack([scale, (8.0 - zero) * scale], dim=-1).transpose(0, 1).contiguous().bfloat16()
+                out.append((x, aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), sz))
+        return out
+
+    def measure(calls: list[tuple]) -> dict[str, float]:
+        start = time.perf_counter()
+        for call in calls:
+            if kernel == "packed":
+                torch.ops.optpass.gemv_int4_packed(*call)
+            else:
+                x, weight, sz = call
+                aten._weight_int4pack_mm_for_cpu(x.bfloat16(), weight, 32, sz).float()
+        return {"step_ms": (time.perf_counter() - start) * 1e3}
+
+    return Variant(f"gemv_int4 g32 {kernel} rows={rows}", setup, measure,
+                   note="the 210 block linears of a SmolLM2 decode step, int4 g32 weights (no head)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -114,6 +148,8 @@ def main() -> None:
     layouts = (True, False) if gemv_ops.packed_available() else (False,)
     variants += [gemv_variant(rows, scales, packed) for scales in ("per-channel", "g32") for packed in layouts
                  for rows in ROWS]
+    int4_kernels = ("packed", "tinygemm") if gemv_ops.packed_available() else ("tinygemm",)
+    variants += [gemv_int4_variant(rows, kernel) for kernel in int4_kernels for rows in ROWS]
     run_scenario("verify_kernels_smollm2", variants, rounds=args.rounds,
                  extra={"attention_baseline": str(args.attention_baseline) if args.attention_baseline else None})
 

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import optpass
+from optpass.backends.cpu import gemv_ops
 from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear, QuantizedLinear
 from optpass.backends.onnx.export import export_onnx
 from optpass.backends.onnx.matmul_nbits import NBitsWeight, dequantize, from_int4, from_int8, split_int8, split_zero
@@ -79,9 +80,11 @@ def test_matmul_nbits_layout_matches_quantized_linear(scheme: str) -> None:
     if corr is not None:
         y = y + x.view(5, -1, w.block_size).sum(-1) @ torch.from_numpy(corr)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
-    # and the module's own forward (fp32 activations) agrees
+    # and the module's own forward (fp32 activations) agrees; int4 decode rows on the packed GEMV read fp16 group
+    # scales (relative rounding <= 2^-11), so they agree to 1e-3
+    tol = 1e-3 if scheme != "int8" and gemv_ops.packed_available() else 1e-4
     with torch.no_grad():
-        torch.testing.assert_close(mod(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mod(x), expected, rtol=tol, atol=tol)
 
 
 @pytest.fixture(scope="module")

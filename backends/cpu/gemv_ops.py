@@ -126,10 +126,11 @@ def pack_int4_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     None where the kernel cannot take the weight exactly enough: K or the group not a multiple of 4, a group it
     cannot sum, or a scale outside fp16's normal range (there fp16 would round it coarser than tinygemm's bf16)."""
     n, k = q.shape
-    nonzero = scale[scale != 0].abs()
+    magnitude = scale.float().abs()
+    smallest = torch.where(magnitude > 0, magnitude, torch.inf).min()  # zero scales (all-zero groups) are exact
     centre_offset = (8.0 - zero.float()) * scale.float()
-    if k % 4 or group % 4 or group > MAX_PACKED_GROUP or (nonzero.numel() and (
-            nonzero.min() < _FP16_NORMAL_MIN or nonzero.max() > _FP16_MAX)) or centre_offset.abs().max() > _FP16_MAX:
+    if k % 4 or group % 4 or group > MAX_PACKED_GROUP or smallest < _FP16_NORMAL_MIN or \
+            magnitude.max() > _FP16_MAX or centre_offset.abs().max() > _FP16_MAX:
         return None
     blocks = -(-n // PACKED_OUT)
     padded = q.new_zeros(blocks * PACKED_OUT, k, dtype=torch.uint8)

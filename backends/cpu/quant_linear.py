@@ -275,8 +275,9 @@ class Int4Linear(QuantizedLinear):
 
     def refresh_kernels(self) -> None:
         q = unpack_int4(self.qweight)
+        # a meta-device skeleton (streaming) has no values to pack: its kernels are built when a state dict loads
         gemv = gemv_ops.pack_int4_rows(q, self.scale, self.zero, self.group_size) \
-            if self.use_gemv and gemv_ops.packed_available() else None
+            if self.use_gemv and gemv_ops.packed_available() and not self.qweight.is_meta else None
         for name, t in zip(("kernel_gemv", "kernel_gemv_scale", "kernel_gemv_offset"), gemv or (None,) * 3):
             self.register_buffer(name, t, persistent=False)
         # with the packed GEMV, rows past it go to the dequantized GEMM and no tinygemm copy is kept (one derived

@@ -77,10 +77,13 @@ def test_int4_runs_tinygemm_kernel(linear, monkeypatch):
 def test_int4_decodes_through_the_packed_kernel_and_keeps_no_tinygemm_copy(linear):
     module = Int4Linear.from_linear(linear, 32)
     assert module.kernel_weight is None and module.decode_tensors[0] == "kernel_gemv"
-    for rows in (1, 8):
+    for rows in (1, 8, 20, 32):  # past 8 rows in passes of 8, each row as the one-row call computes it
         assert "optpass.gemv_int4_packed" in _ops(module, rows=rows)
-    middle = _ops(module, rows=9)  # past the GEMV: the dequantized GEMM, not tinygemm
-    assert "optpass.gemv_int4_packed" not in middle and "aten.mm" in middle
+    x = torch.randn(20, module.in_features)
+    with torch.no_grad():
+        assert torch.equal(module(x)[13:14], module(x[13:14]))
+    prefill = _ops(module, rows=33)  # the dequantized GEMM, not tinygemm
+    assert "optpass.gemv_int4_packed" not in prefill and "aten.mm" in prefill
 
 
 @pytest.mark.skipif(not gemv_ops.packed_available(), reason="the packed GEMV needs AVX-512 VNNI")

@@ -5,9 +5,10 @@ y[..., N] = x[..., K] @ W.T (+ b) with W stored in the canonical format of `back
   M >= `w8a8_min_rows` (opt-in, at the cost model's crossover) uses W8A8 dynamic: activations quantized per
   token and `torch._int_mm` (VNNI); other M >= `dequant_min_rows` (32; 16 for vocabulary-sized weights)
   dequantize to bf16 for a compute-bound GEMM; the rows in between use `aten._weight_int8pack_mm`.
-- `Int4Linear`: decode rows (M <= 8) use optpass's packed int4 GEMV on AVX-512 VNNI CPUs (2-3x tinygemm's time
-  at SmolLM2's shapes, and exact integer sums); elsewhere `aten._weight_int4pack_mm_for_cpu` on the tinygemm
-  layout below `dequant_min_rows` (64) rows. From there the weight is dequantized to bf16 for a compute-bound GEMM.
+- `Int4Linear`: up to 32 rows use optpass's packed int4 GEMV on AVX-512 VNNI CPUs (8 rows a pass; faster than
+  tinygemm at every row count at SmolLM2's shapes, exact integer sums); elsewhere `aten._weight_int4pack_mm_for_cpu`
+  on the tinygemm layout below `dequant_min_rows` (64) rows. From there the weight is dequantized to bf16 for a
+  compute-bound GEMM.
 Eager dequantization goes piecewise into one reused bf16 workspace (`optpass::dequant_bf16_`, C++): built
 from plain ops, its weight-sized temporaries landed on freshly mapped pages every call and cost ~3x the GEMM.
 
@@ -37,6 +38,10 @@ from optpass.backends.quant_format import (
 
 aten = torch.ops.aten
 LARGE_WEIGHT = 1 << 24  # elements (e.g. SmolLM2's 49152 x 576 head)
+# int4 rows that still run the packed GEMV (in passes of 8): at 16 rows dequantizing the whole weight to bf16
+# made SmolLM2's 16-token prefill 1.37x slower than tinygemm had been (cost_model_accuracy.py); around 32 rows
+# the GEMV's passes cost about what one dequantize does
+GEMV_CHUNKED_ROWS = 32
 
 
 
@@ -252,9 +257,9 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """Weight-only int4, group-wise asymmetric with float zero points. Decode rows (M <= 8) read a packed copy
-    through optpass's VNNI GEMV (`gemv_ops.pack_int4_rows`) where it exists; otherwise tinygemm below
-    `dequant_min_rows` rows, and the bf16 dequantized GEMM from there."""
+    """Weight-only int4, group-wise asymmetric with float zero points. Up to `GEMV_CHUNKED_ROWS` rows read a packed
+    copy through optpass's VNNI GEMV (`gemv_ops.pack_int4_rows`) where it exists; otherwise tinygemm below
+    `dequant_min_rows` rows; the bf16 dequantized GEMM from there."""
 
     @property
     def decode_tensors(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -280,9 +285,9 @@ class Int4Linear(QuantizedLinear):
             if self.use_gemv and gemv_ops.packed_available() and not self.qweight.is_meta else None
         for name, t in zip(("kernel_gemv", "kernel_gemv_scale", "kernel_gemv_offset"), gemv or (None,) * 3):
             self.register_buffer(name, t, persistent=False)
-        # with the packed GEMV, rows past it go to the dequantized GEMM and no tinygemm copy is kept (one derived
-        # copy, not two)
-        self.dequant_min_rows = gemv_ops.MAX_ROWS + 1 if gemv else self.tinygemm_min_rows
+        # with the packed GEMV no tinygemm copy is kept (one derived copy, not two): rows up to GEMV_CHUNKED_ROWS
+        # run the GEMV 8 rows at a time (each pass re-reads the weight), more the dequantized GEMM
+        self.dequant_min_rows = GEMV_CHUNKED_ROWS + 1 if gemv else self.tinygemm_min_rows
         weight, sz = None, None
         if gemv is None:
             weight = aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
@@ -301,9 +306,11 @@ class Int4Linear(QuantizedLinear):
         if x2d.is_cuda:
             return torch.ops.optpass.int4_weight_only_linear(
                 x2d.to(self.act_dtype), self.qweight, self.scale, self.zero, self.group_size, None)
-        if self.kernel_gemv is not None and x2d.shape[0] <= gemv_ops.MAX_ROWS:
-            return torch.ops.optpass.gemv_int4_packed(x2d.float(), self.kernel_gemv, self.kernel_gemv_scale,
-                                                      self.kernel_gemv_offset, self.out_features)
+        if self.kernel_gemv is not None and x2d.shape[0] < self.dequant_min_rows:
+            rows = x2d.float().split(gemv_ops.MAX_ROWS)  # rows are independent: chunking changes no result
+            out = [torch.ops.optpass.gemv_int4_packed(r, self.kernel_gemv, self.kernel_gemv_scale,
+                                                      self.kernel_gemv_offset, self.out_features) for r in rows]
+            return out[0] if len(out) == 1 else torch.cat(out)
         if self.kernel_weight is None or _use_dequant(x2d.shape[0], self.dequant_min_rows, self.act_dtype):
             return self._dequantized_matmul(x2d)
         return aten._weight_int4pack_mm_for_cpu(x2d.to(self.act_dtype), self.kernel_weight, self.group_size,

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from optpass.backends.cpu import gemv_ops  # noqa: E402
+from optpass.backends.cpu.quant_linear import tinygemm_layout  # noqa: E402
 
 from benchmarks.harness import Variant, run_scenario  # noqa: E402
 
@@ -114,8 +115,7 @@ def gemv_int4_variant(rows: int, kernel: str) -> Variant:
             if kernel == "packed":
                 out.append((x, *gemv_ops.pack_int4_rows(q, scale, zero, 32), n))
             else:
-                sz = torch.stack([scale, (8.0 - zero) * scale], dim=-1).transpose(0, 1).contiguous().bfloat16()
-                out.append((x, aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), sz))
+                out.append((x, *tinygemm_layout(q, scale, zero, torch.bfloat16)))
         return out
 
     def measure(calls: list[tuple]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -65,6 +66,7 @@ def fingerprint() -> dict[str, Any]:
             "kernels": _kernel_sources_digest()}
 
 
+@functools.cache  # the sources do not change within a process; fingerprint() runs on every spec lookup
 def _kernel_sources_digest() -> str:
     """A digest of optpass's C++ kernel sources and of the quantized linears' per-row-count dispatch: a
     calibration timed other kernels once either changes."""

@@ -179,14 +179,14 @@ class QuantizePass(Pass):
 
 def _kernel_copy_bytes(scheme: str, site: LinearSite, group_size: int | None, target: HardwareSpec) -> int:
     """Resident bytes of the layout a CPU kernel reads beside the canonical tensors (derived, not saved):
-    int8's packed copy on VNNI CPUs; int4's packed copy there (fp16 scale and offset per group), its tinygemm
-    weight elsewhere."""
+    int8's packed copy on VNNI CPUs; for int4 either its packed copy (VNNI) or tinygemm's, both nibbles plus two
+    16-bit values (scale and offset) per group."""
     if target.kind != "cpu":
         return 0
     n, k = site.out_features, site.in_features
     if scheme == "int8":
         return n * k if gemv_ops.packed_available() else 0
-    return n * k // 2 + (4 * n * k // (group_size or k) if gemv_ops.packed_available() else 0)
+    return n * k // 2 + 4 * n * k // (group_size or k)
 
 
 def _group_supported(scheme: str, site: LinearSite, group_size: int) -> str | None:

@@ -288,12 +288,7 @@ class Int4Linear(QuantizedLinear):
         # with the packed GEMV no tinygemm copy is kept (one derived copy, not two): rows up to GEMV_CHUNKED_ROWS
         # run the GEMV 8 rows at a time (each pass re-reads the weight), more the dequantized GEMM
         self.dequant_min_rows = GEMV_CHUNKED_ROWS + 1 if gemv else self.tinygemm_min_rows
-        weight, sz = None, None
-        if gemv is None:
-            weight = aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            # tinygemm computes (q - 8) * s + z_f; ours is (q - zero) * s, so z_f = (8 - zero) * s.
-            sz = torch.stack([self.scale, (8.0 - self.zero) * self.scale], dim=-1).transpose(0, 1).contiguous()
-            sz = sz.to(self.act_dtype)
+        weight, sz = tinygemm_layout(q, self.scale, self.zero, self.act_dtype) if gemv is None else (None, None)
         self.register_buffer("kernel_weight", weight, persistent=False)
         self.register_buffer("kernel_scales_zeros", sz, persistent=False)
 
@@ -327,6 +322,16 @@ class Int4Linear(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
+
+
+def tinygemm_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpacked int4 [N, K] (0..15), scale and zero [N, K / group] -> tinygemm's (weight, scales_and_zeros)
+    operands of `aten._weight_int4pack_mm_for_cpu`."""
+    weight = aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    # tinygemm computes (q - 8) * s + z_f; ours is (q - zero) * s, so z_f = (8 - zero) * s.
+    sz = torch.stack([scale, (8.0 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
+    return weight, sz.to(act_dtype)
 
 
 def int4_supported(in_features: int, out_features: int, group_size: int) -> str | None:

@@ -8,7 +8,8 @@ its time on per-output horizontal sums and per-row activation reloads; one row i
 PyTorch's `_weight_int8pack_mm` streams cold weights at ~12 GB/s on the 2-core AVX-512 machine of
 shared/PEERS.md; `csrc/gemv.cpp` (four independent accumulators) reaches ~18-24 GB/s. A float-accumulating int4
 variant was slower than aten's tinygemm kernel on this Zen 4 CPU; `gemv_int4_packed` (VNNI, nibbles in output
-lanes, `pack_int4_rows`) takes 1/2-1/3 of tinygemm's time at SmolLM2's shapes with fp32 activations. The ops are
+lanes, `pack_int4_rows`) takes 0.65-0.85x of tinygemm's time over a SmolLM2 step's cold weights at 1-8 rows
+(`benchmarks/verify_kernels.py`), with fp32 activations. The ops are
 registered with the dispatcher in C++, so a compiled decode step calls them with no Python in between;
 fake impls here let torch.export / torch.compile trace them as single opaque ops. The library is built
 on first use with torch.utils.cpp_extension (~30 s, cached). If the build fails (no compiler),

@@ -286,9 +286,9 @@ void packed_grouped_vnni(const int16_t* xq, const float* xs, const int8_t* packe
 // each by a broadcast quad of activation bytes: 128 weights per load. The int16 activations are split into a
 // signed high byte and an unsigned low byte, x = 256 * hi + lo, so sum q x = 256 * sum q hi + sum q lo exactly
 // (q in 0..15 serves as either operand of u8 x s8): the same integer sums as an int16 product, with fewer
-// instructions than widening nibbles to int16 (cache-resident SmolLM2 weights, 2 threads: 1.4x faster at one row,
-// 1.6x at two). Streaming from DRAM at one row it runs at ~0.8 of the int8 kernel's bytes per second: the
-// per-group scale work keeps it partly compute bound.
+// instructions per weight than widening nibbles to int16 (the first version; no faster in the decode loop).
+// Streaming from DRAM at one row it runs below the int8 kernel's bytes per second (`benchmarks/verify_kernels.py`):
+// the per-group scale work keeps it partly compute bound.
 // W[n, k] = (q - zero) * scale per group, written (q - 8) * scale + (8 - zero) * scale: y = xs * sum_g (scale *
 // sum (q - 8) x + centre_offset * sum x), scale and centre_offset read as fp16 (packed like the int8 group
 // scales; `pack_int4_rows` refuses scales fp16 cannot hold). Centring keeps the offset small (zero is near 8 for

@@ -46,8 +46,9 @@ def build_baseline(source: Path) -> Callable:
     text = re.sub(r"TORCH_LIBRARY_IMPL\(optpass,", "TORCH_LIBRARY_IMPL(optpass_baseline,", text)
     copy = Path(tempfile.mkdtemp()) / "decode_attention_baseline.cpp"
     copy.write_text(text)
+    csrc = Path(gemv_ops.__file__).parent / "csrc"  # the shared headers (vec_exp.h) the copy may include
     load("optpass_attention_baseline", [str(copy)], extra_cflags=gemv_ops.CFLAGS, extra_ldflags=gemv_ops.LDFLAGS,
-         is_python_module=False, verbose=False)
+         extra_include_paths=[str(csrc)], is_python_module=False, verbose=False)
     return torch.ops.optpass_baseline.decode_attention
 
 

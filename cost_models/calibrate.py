@@ -71,10 +71,10 @@ def _kernel_sources_digest() -> str:
     """A digest of optpass's C++ kernel sources and of the quantized linears' per-row-count dispatch: a
     calibration timed other kernels once either changes."""
     from optpass.backends.cpu import quant_linear
-    from optpass.backends.cpu.gemv_ops import _SOURCES
+    from optpass.backends.cpu.gemv_ops import _HEADERS, _SOURCES
 
     h = hashlib.sha256()
-    for path in [*_SOURCES, quant_linear.__file__]:
+    for path in [*_SOURCES, *_HEADERS, quant_linear.__file__]:
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:12]
 

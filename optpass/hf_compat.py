@@ -92,3 +92,10 @@ def layer_kinds(config: Any) -> list[LayerKind]:
     for i, (sink, local_window) in local_layers(config).items():
         kinds[i] = LayerKind(SLIDING, local_window, sink)
     return kinds
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """layer index -> attention module (transformers' attention modules carry `layer_idx`)."""
+    return {m.layer_idx: m for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config") and any(
+                hasattr(m, p) for p in ("q_proj", "qkv_proj", "query_key_value", "c_attn"))}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from optpass.backends.cpu import prefill_attention
 from optpass.backends.cpu.head_embedding import (HeadRowsEmbedding, from_record, layout_record, module_path, set_module,
                                                 share_head_rows, share_reason)
 from optpass.backends.cpu import gemv_ops
@@ -124,7 +125,15 @@ class QuantizePass(Pass):
     def _swapper(self, cand: Candidate, context: ApplyContext) -> Any:
         def apply(model: nn.Module) -> Any:
             originals = _swap(model, cand, self.config, context, self._notes)
-            return lambda: _restore(model, originals)
+            # quantized blocks run their prefill GEMMs on bf16 (or int8) activations: their attention prefill runs the
+            # bf16 kernel too, inside the option the budget measures
+            undo_attention = prefill_attention.install(model) if cand.params["group"] == "blocks" else None
+
+            def undo() -> None:
+                if undo_attention is not None:
+                    undo_attention()
+                _restore(model, originals)
+            return undo
         return apply
 
     def finish(self, model: nn.Module, kept: dict[str, Option | None], outcomes: dict[str, list[Outcome]],
@@ -143,6 +152,9 @@ class QuantizePass(Pass):
             if cand.label != group["kept"]:
                 not_kept.setdefault(cand.label, f"{group['kept']} was kept first")
         decisions: dict[str, Any] = {**groups, **self._notes, "not_kept": not_kept}
+        if prefill_attention.installed(model):
+            decisions["prefill_attention"] = ("long prefills (> 16 rows) of full-attention layers run optpass's bf16 "
+                                              "flash kernel (bf16 inputs, fp32 sums), measured with the blocks")
         _tie_embedding(model)
         runtime = {}
         if self.config.fast_decode and hasattr(model, "generate") and hasattr(model, "config"):
@@ -152,12 +164,14 @@ class QuantizePass(Pass):
 
     def saved_state(self, model: nn.Module) -> dict[str, Any]:
         """The quantized-module layout (scheme, shapes, group size per path)."""
-        return {"modules": quantized_modules(model)}
+        return {"modules": quantized_modules(model), "prefill_attention": prefill_attention.installed(model)}
 
     def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
         """Empty quantized modules at the recorded paths (tensors come from the checkpoint), no recalibration."""
         rebuild_quantized(model, state.get("modules", {}))
         _tie_embedding(model)
+        if state.get("prefill_attention"):  # where the kernel is not built here, the model's own attention runs
+            prefill_attention.install(model)
         return model
 
     def rewrite_graph(self, gm: fx.GraphModule, chosen: list[Candidate]) -> PassResult:

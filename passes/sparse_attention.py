@@ -33,7 +33,7 @@ from optpass.backends.sparse.search import DEFAULT_CANDIDATES, HeadScores, captu
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.sparse_attention import layer_crossover, prefill_estimate
 from optpass.errors import ConfigError
-from optpass.hf_compat import FULL, layer_kinds
+from optpass.hf_compat import FULL, attention_modules, layer_kinds
 from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
 from optpass.long_context import EVAL_TAIL, corpus_ids, reference_logits, tail_quality
 from optpass.passes.sparse_attention_image import image_candidate, image_decisions, image_finish
@@ -79,13 +79,6 @@ class SparseAttentionConfig(PassConfig):
 def _on_images(context: ApplyContext) -> bool:
     """A diffusion transformer: the 2D-local image path (`sparse_attention_image.py`) decides and finishes."""
     return bool(context.graph and context.graph.model_kind == "diffusion_transformer")
-
-
-def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """layer index -> attention module (transformers' attention modules carry `layer_idx`)."""
-    return {m.layer_idx: m for m in model.modules()
-            if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config") and any(
-                hasattr(m, p) for p in ("q_proj", "qkv_proj", "query_key_value", "c_attn"))}
 
 
 def install(model: nn.Module, layers: dict[int, LayerSparsity]) -> Callable[[], None]:

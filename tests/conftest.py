@@ -44,3 +44,18 @@ def tiny_dit():
     from optpass.models import tiny_dit
 
     return tiny_dit()
+
+
+@pytest.fixture(params=["bf16 kernel", "flex"])
+def cpu_lowering(request, monkeypatch):
+    """Both CPU lowerings of block-sparse / prefill attention: optpass's bf16 kernel (AVX-512 BF16 CPUs; skipped
+    elsewhere) and FlexAttention (what other CPUs run). Yields the tolerance against an fp32 reference."""
+    from optpass.backends.cpu import prefill_attention
+
+    if request.param == "flex":
+        monkeypatch.setattr(prefill_attention, "applies", lambda *args, **kwargs: False)
+        return {"atol": 1e-5, "rtol": 1e-5}
+    if not prefill_attention.available():
+        pytest.skip("optpass::prefill_attention needs a CPU with AVX-512 BF16 and a C++ compiler")
+    # q, k, v and the softmax weights rounded to bf16, fp32 sums (bf16 SDPA's numerics)
+    return {"atol": 2e-2, "rtol": 2e-2}

@@ -33,7 +33,7 @@ def test_every_registered_pattern_is_in_the_matrix():
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_lowering_equals_dense_attention_on_the_kept_blocks(name):
+def test_lowering_equals_dense_attention_on_the_kept_blocks(name, cpu_lowering):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, SEQ, 16), torch.randn(2, 2, SEQ, 16), torch.randn(2, 2, SEQ, 16)
     causal = name != "local_2d"
@@ -44,7 +44,7 @@ def test_lowering_equals_dense_attention_on_the_kept_blocks(name):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                            attn_mask=mask, scale=0.25)
     rows = mask.any(-1)
-    assert torch.allclose(out[rows], ref[rows], atol=1e-5)
+    torch.testing.assert_close(out[rows], ref[rows], **cpu_lowering)
     if name != "dense":  # a sparse pattern really drops blocks (else the test would not see a wrong layout)
         assert not mask[rows[..., None].expand_as(mask)].all()
 
@@ -91,7 +91,7 @@ def _plan(model, spec, min_len):
 
 
 @torch.no_grad()
-def test_a_dense_layout_reproduces_the_model_and_short_prefills_stay_dense(monkeypatch):
+def test_a_dense_layout_reproduces_the_model_and_short_prefills_stay_dense(monkeypatch, cpu_lowering):
     from optpass.backends.kv import enable_compressed_attention
 
     model = tiny_llama(layers=2).eval()
@@ -100,7 +100,7 @@ def test_a_dense_layout_reproduces_the_model_and_short_prefills_stay_dense(monke
     enable_compressed_attention(model)
     calls = _count_sparse_calls(monkeypatch)
     install(model, _plan(model, {"name": "dense"}, 64))
-    assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+    torch.testing.assert_close(model(input_ids=ids).logits, want, **cpu_lowering)
     assert calls == [90, 90]  # both layers ran the sparse lowering
     calls.clear()
     model(input_ids=ids[:, :63])  # below min_len: dense SDPA
@@ -185,7 +185,7 @@ def test_cli_round_trip_keeps_the_patterns(tmp_path, tiny_llama):
     assert all(isinstance(h, dict) and h["name"] in PATTERNS for p in plans if p for h in p.heads)
 
 
-def test_the_lowering_stays_exact_past_dynamos_recompile_limit():
+def test_the_lowering_stays_exact_past_dynamos_recompile_limit(cpu_lowering):
     """Each (causal, block, scale) gets its own compiled FlexAttention, and one past the recompile limit a fresh
     one: a function at the limit ran FlexAttention eagerly, which attends to every key its mask function allows
     (dense, silently)."""
@@ -202,4 +202,4 @@ def test_the_lowering_stays_exact_past_dynamos_recompile_limit():
             layout = clip_causal(keep) if causal else keep
             out = block_sparse_attention(q, k, v, keep, block, dim ** -0.5, causal=causal)
             ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(layout, seq, seq, block, causal=causal))
-            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out, ref, **cpu_lowering)

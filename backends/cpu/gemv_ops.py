@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 MAX_ROWS = 8
-# every kernel of the library: the GEMVs here and the decode attention (`decode_attention.py`)
+# every kernel of the library: the GEMVs here, the decode and prefill attention (`decode_attention.py`,
+# `prefill_attention.py`); HEADERS are their shared inlines (part of the calibration's kernel digest)
 _SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp"))
+_HEADERS = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.h"))
 CFLAGS, LDFLAGS = ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]  # benchmarks build older sources alike
 
 
@@ -60,9 +62,11 @@ def _build() -> bool:
 
 
 def _register_fakes() -> None:
-    from optpass.backends.cpu.decode_attention import register_fake
+    from optpass.backends.cpu import decode_attention, prefill_attention
 
-    register_fake()
+    decode_attention.register_fake()
+    if hasattr(torch.ops.optpass, "prefill_attention"):  # AVX-512 BF16 CPUs only
+        prefill_attention.register_fake()
 
     @torch.library.register_fake("optpass::gemv_int8")
     def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 The model keeps computing its own projections, norms and RoPE; only the attention call goes through here.
 `optpass|<inner>` wraps the implementation the model used before (`sdpa`, `eager`, ...): layers whose cache is
 not optpass's get exactly that implementation, except long prefills of layers the sparse_attention pass
-planned (`backends/sparse/attend.py`) and layers made local, whose mask is narrowed to sinks + window
+planned (`backends/sparse/attend.py`), long prefills of layers marked for the bf16 prefill kernel
+(`backends/cpu/prefill_attention.py`), and layers made local, whose mask is narrowed to sinks + window
 (`backends/kv/band.py`). A cache layer of optpass's (`CompressedLayer`) *claims* the
 attention call that follows its `update()` (every transformers attention calls `cache.update` and then the
 attention function, for the same layer): at prefill the inner implementation attends exactly and the layer
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optpass.backends.cpu import decode_attention
+from optpass.backends.cpu import decode_attention, prefill_attention
 from optpass.backends.kv.band import banded, local_window
 from optpass.backends.sparse.attend import sparse_prefill
 from optpass.errors import UnsupportedModelError
@@ -101,6 +102,10 @@ def _attention_for(inner: str) -> Callable:
                 sparse = sparse_prefill(module, query, key, value, attention_mask, scale, kwargs)
                 if sparse is not None:  # a long prefill of a layer the sparse_attention pass planned
                     return sparse, None
+                fast = None if _decode_steps else \
+                    prefill_attention.route(module, query, key, value, attention_mask, scale, kwargs)
+                if fast is not None:  # a long prefill of a layer marked for the bf16 prefill kernel
+                    return fast, None
             fn = _inner(inner, module)
             if _decode_steps:
                 out = decode_attention.attend(query, key, value, mask, scale, kwargs.get("softcap"))

@@ -45,6 +45,18 @@ def _key_valid(mask: Any, q_len: int, k_len: int) -> tuple[bool, Tensor | None]:
     return True, None if bool(valid.all()) else valid
 
 
+def prefill_starts(mask: Any, q_len: int, k_len: int) -> tuple[bool, Tensor | None]:
+    """(usable, each row's first real position [B] or None without padding): usable when the call is a causal
+    prefill from an empty cache with at most left padding (holes or right padding: not usable)."""
+    usable, valid = _key_valid(mask, q_len, k_len)
+    if not usable or valid is None:
+        return usable, None
+    starts = q_len - valid.sum(-1)
+    if not bool((valid == (torch.arange(q_len, device=valid.device)[None, :] >= starts[:, None])).all()):
+        return False, None
+    return True, starts
+
+
 def sparse_prefill(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Any, scale: float,
                    kwargs: dict[str, Any]) -> Tensor | None:
     """[B, S, H, D] (transformers' attention output layout) when this call runs sparse, else None."""
@@ -54,16 +66,13 @@ def sparse_prefill(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         return None
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sliding_window"):
         return None
-    usable, valid = _key_valid(mask, q_len, key.shape[2])
+    usable, starts = prefill_starts(mask, q_len, key.shape[2])
     if not usable:
         return None
     key, value = key[:, :, :q_len], value[:, :, :q_len]
-    if valid is None:
+    if starts is None:
         out = block_sparse_attention(query, key, value, plan.block_mask(query, key), plan.block, scale)
         return out.transpose(1, 2).contiguous()
-    starts = q_len - valid.sum(-1)
-    if not bool((valid == (torch.arange(q_len, device=valid.device)[None, :] >= starts[:, None])).all()):
-        return None  # not left padding (holes or right padding): the model's own attention
     out = query.new_zeros(query.shape)  # padding queries attend nothing (their outputs are never read)
     for row, start in enumerate(starts.tolist()):  # each row's layout (its sinks too) starts at its first token
         q, k, v = (t[row:row + 1, :, start:] for t in (query, key, value))

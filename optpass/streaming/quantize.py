@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optpass.backends.cpu import prefill_attention
 from optpass.backends.cpu.head_embedding import HeadRowsEmbedding, layout_record
 from optpass.errors import ConfigError
 from optpass.passes.awq import MAX_TOKENS, scale_groups
@@ -40,7 +41,8 @@ from optpass.report import OptimizationReport
 from optpass.streaming.llama import BLOCK_GROUPS, HEAD_GROUP, UNSCALED, BlockRunner, check_architecture, skeleton
 from optpass.streaming.memory import gib, release_freed
 from optpass.streaming.quality import absolute, check_loaded, metrics
-from optpass.streaming.record import SCHEMES, build_report, output_specs, state_record, write_hf_files
+from optpass.streaming.record import (SCHEMES, build_report, output_specs, prefill_kernel_recorded, state_record,
+                                     write_hf_files)
 from optpass.streaming.shards import ShardReader
 from optpass.streaming.writer import SafetensorsWriter
 
@@ -242,6 +244,7 @@ def quantize_streaming(source: str | Path, output: str | Path | None = None, con
     calib, calib_note = token_batches(hf_config, calibration_data, "calibrate")
     verify, verify_note = token_batches(hf_config, calibration_data, "verify")
     runner = BlockRunner(meta, reader)
+    prefill_kernel = prefill_kernel_recorded(layout)
     writer = SafetensorsWriter(out / WEIGHTS_FILE, specs, metadata={"format": FORMAT})
     head_spec = layout.get("lm_head")
     awq = cfg.awq
@@ -276,6 +279,8 @@ def quantize_streaming(source: str | Path, output: str | Path | None = None, con
                     unscaled += [prefix + p for p in UNSCALED if prefix + p in layout]
                 del inputs
                 _swap_linears(block, prefix, layout)
+                if prefill_kernel:  # as the loaded checkpoint will attend (`record.state_record`)
+                    prefill_attention.mark_attention(block.self_attn)
                 release_freed()
                 ver_q = runner.forward(block, ver_q)
                 if calib_q is not None:

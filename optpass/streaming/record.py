@@ -46,6 +46,14 @@ def write_hf_files(meta: nn.Module, source: Path, out: Path) -> None:
         tokenizer.save_pretrained(str(out))
 
 
+def prefill_kernel_recorded(layout: dict[str, dict[str, Any]]) -> bool:
+    """As the in-memory pass: quantized blocks run their long prefills on the bf16 attention kernel where it is
+    built (`optpass.load` installs it; the after-the-fact check measures the loaded model, so with it)."""
+    from optpass.backends.cpu import prefill_attention
+
+    return prefill_attention.available() and any(path.startswith("model.layers.") for path in layout)
+
+
 def state_record(fmt: str, version: int, target: str, model_class: str, cfg: QuantizeConfig,
                  layout: dict[str, dict[str, Any]], writer: SafetensorsWriter, aliases: dict[str, str],
                  weights_file: str) -> dict[str, Any]:
@@ -60,7 +68,8 @@ def state_record(fmt: str, version: int, target: str, model_class: str, cfg: Qua
         "format": fmt, "format_version": version, "optpass_version": optpass.__version__,
         "torch_version": torch.__version__, "target": target,
         "base": {"library": "transformers", "class": model_class, "dtype": "torch.float32"},
-        "passes": [{"name": "quantize", "config": cfg.to_dict(), "state": {"modules": layout}}],
+        "passes": [{"name": "quantize", "config": cfg.to_dict(),
+                    "state": {"modules": layout, "prefill_attention": prefill_kernel_recorded(layout)}}],
         "runtime": runtime.to_dict() if not runtime.empty else None,
         "weights": {weights_file: {"sha256": writer.sha256, "tensors": len(writer.specs)}},
         "aliases": aliases,

@@ -183,6 +183,22 @@ def _sdpa(seqs: tuple[int, ...], reps: int, heads: int = 9, dim: int = 64) -> di
     return out
 
 
+def _block_sparse(seqs: tuple[int, ...], reps: int, heads: int = 9, kv_heads: int = 3, dim: int = 64,
+                  block: int = 64) -> dict[int, dict[str, float]]:
+    """The block-sparse lowering this machine runs (`backends/sparse/execute.py`: optpass's bf16 kernel, or
+    FlexAttention) on a dense causal layout, layout conversion included: its rate at long prefills and, from the
+    shortest, its per-call cost, which the cost model's sparse-attention crossover needs."""
+    from optpass.backends.sparse.execute import block_sparse_attention
+
+    out = {}
+    for s in seqs:
+        q, k, v = torch.randn(1, heads, s, dim), torch.randn(1, kv_heads, s, dim), torch.randn(1, kv_heads, s, dim)
+        keep = torch.ones(1, 1, -(-s // block), -(-s // block), dtype=torch.bool)
+        r = _time(lambda: block_sparse_attention(q, k, v, keep, block, dim ** -0.5), reps)
+        out[s] = {**r, "flops_per_s": 4.0 * heads * dim * s * (s + 1) / 2 / r["median"]}
+    return out
+
+
 def _floors(reps: int) -> dict[str, dict[str, float]]:
     """Per-call costs that no FLOP or byte explains: a tiny aten op, an nn.Module call, and a decode-sized
     SDPA (one query over 64 keys: its setup, not its math, is what a decode step pays per layer)."""
@@ -224,7 +240,7 @@ def calibrate(quick: bool = False, progress: bool = True, check: bool = True,
     shape = (256, 128) if quick else (576, 1536)  # (N, K) of SmolLM2 down_proj: K divides every int4 group
     rows_list = (1, 16) if quick else ROWS
     schemes = ("fp32", "int8", "int4_g32") if quick else SCHEMES
-    steps = ["triad", "floors", "sdpa", *schemes]
+    steps = ["triad", "floors", "sdpa", "block_sparse", *schemes]
     record: dict[str, Any] = {"format": FORMAT, "fingerprint": fingerprint(), "quick": quick,
                               "shape": list(shape), "linear": {},
                               "taken_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -243,6 +259,8 @@ def calibrate(quick: bool = False, progress: bool = True, check: bool = True,
             record["floors"] = _floors(reps)
         elif step == "sdpa":
             record["sdpa"] = _sdpa((64, 128) if quick else (128, 512, 1024, 2048), reps)
+        elif step == "block_sparse":
+            record["block_sparse"] = _block_sparse((64, 128) if quick else (128, 2048), reps)
         else:
             record["linear"][step] = _linear(step, base.cache_bytes, shape, rows_list, reps, quick)
     record["seconds"] = time.perf_counter() - start
@@ -272,6 +290,13 @@ def spec_from_record(record: dict[str, Any]) -> HardwareSpec:
         eff[f"gemv_{scheme}"] = min(v["bw"] / bw, 1.0)
     attention = {int(s): v["flops_per_s"] for s, v in record["sdpa"].items()}
     eff["attention"] = statistics.median(attention.values()) / peaks["fp32"]
+    sparse_floor = None
+    if "block_sparse" in record:  # records of older calibrations lack it: the formula's defaults then
+        timed = {int(s): v for s, v in record["block_sparse"].items()}
+        longest, shortest = timed[max(timed)], timed[min(timed)]
+        eff["sparse_attention"] = longest["flops_per_s"] / peaks["fp32"]
+        shortest_flops = shortest["flops_per_s"] * shortest["median"]
+        sparse_floor = max(shortest["median"] - shortest_flops / longest["flops_per_s"], 0.0)
     spreads = [record["triad"]["spread"]] + [sp for v in record["linear"].values() for sp in v["spread"].values()]
     # the band: half the median measurement range (noise), or the accuracy benchmark's measured error of
     # predicted speedups when one was recorded for this calibration (`record_validation`), whichever is larger
@@ -284,7 +309,7 @@ def spec_from_record(record: dict[str, Any]) -> HardwareSpec:
         base, name="cpu", peak_flops=peaks, mem_bandwidth=bw, efficiency=eff, calibrated=True,
         launch_floor=floor, module_floor=record["floors"]["module"]["median"],
         attention_floor=max(record["floors"]["sdpa"]["median"] - floor, 0.0),
-        linear=linear, attention_rates=attention, error_band=band,
+        linear=linear, attention_rates=attention, error_band=band, sparse_call_floor=sparse_floor,
         source={**base.source, "calibration": note, "mem_bandwidth": "fused triad, calibrated",
                 "peak_flops": "best measured GEMM rate per dtype / kernel (calibrated)"})
 

@@ -167,8 +167,8 @@ def sparse_attention_time(spec: HardwareSpec, heads: int, kv_heads: int, dim: in
                           block: int = 64, causal: bool = True, index_bytes: int = 4, batch: Expr = B,
                           q_len: Expr = S, ctx: Expr = S_ctx, elem_bytes: int = 4) -> Expr:
     """Block-sparse attention at density `rho`: rho of the FLOPs and K/V bytes, plus the block-index bytes, at the
-    `sparse_attention` efficiency (default: FLEX_TO_SDPA of dense attention's; a block-sparse kernel keeps less in
-    registers and cache than a fused dense one)."""
+    `sparse_attention` efficiency: calibrated on CPU (the lowering this machine runs: optpass's bf16 kernel where
+    AVX-512 BF16 exists, ~2x fp32 SDPA, else FlexAttention); default FLEX_TO_SDPA of dense attention's."""
     flops = rho * attention_flops(batch, heads, q_len, ctx, dim, causal)
     index = batch * heads * sp.ceiling(q_len / block) * sp.ceiling(ctx / block) * rho * index_bytes
     bytes_moved = batch * dim * elem_bytes * (2 * heads * q_len + 2 * kv_heads * ctx * rho) + index

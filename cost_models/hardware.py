@@ -47,6 +47,9 @@ class HardwareSpec:
     attention_rates: dict[int, float] = field(default_factory=dict)  # causal SDPA seq len -> FLOP/s (calibrated)
     module_floor: float = 0.0  # seconds per nn.Module call in eager mode (Python overhead)
     attention_floor: float = 0.0  # seconds per fused-attention call on top of the launch floor (CPU SDPA setup)
+    # seconds per block-sparse attention call beyond its math (layout conversion, dispatch), calibrated on CPU;
+    # None: the formula's default (`cost_models/sparse_attention.py`)
+    sparse_call_floor: float | None = None
 
     def flops(self, dtype: str) -> float:
         """Peak for `dtype`; int weight-only GEMMs compute in the activation dtype."""

@@ -11,8 +11,9 @@ from optpass.cost_models.hardware import HardwareSpec
 from optpass.sites import AttentionSite, ModelGraph
 
 MAX_SEQ = 131072
-# a block-sparse call's fixed work on CPU beyond the kernel: block indices, the BlockMask, the compiled FlexAttention
-# dispatch; measured at 1.4-1.7 ms per layer call at 128-256 tokens on a 2-core AVX-512 EPYC (SDPA there: 0.3-1 ms)
+# a block-sparse call's fixed work on CPU beyond the kernel, for uncalibrated specs: block indices, the BlockMask, the
+# compiled FlexAttention dispatch; measured at 1.4-1.7 ms per layer call at 128-256 tokens on a 2-core AVX-512 EPYC
+# (SDPA there: 0.3-1 ms). A calibrated spec times the lowering this machine runs (`sparse_call_floor`).
 CPU_CALL_FLOOR = 1.5e-3
 
 
@@ -24,7 +25,10 @@ def attention_pair(site: AttentionSite, spec: HardwareSpec, seq: int, rho: float
     dense = F.evaluate(F.sdpa_time(spec, site.num_heads, site.num_kv_heads, site.head_dim, causal).subs(at))
     sparse = F.evaluate(F.sparse_attention_time(spec, site.num_heads, site.num_kv_heads, site.head_dim, min(rho, 1.0),
                                                 block, causal).subs(at))
-    return dense, sparse + choosing * dense + (CPU_CALL_FLOOR if spec.kind == "cpu" else 0.0)
+    floor = 0.0
+    if spec.kind == "cpu":
+        floor = spec.sparse_call_floor if spec.sparse_call_floor is not None else CPU_CALL_FLOOR
+    return dense, sparse + choosing * dense + floor
 
 
 def layer_crossover(site: AttentionSite, spec: HardwareSpec, rho_at: Callable[[int], tuple[float, float]], block: int,

@@ -40,7 +40,7 @@ from optpass.passes.sparse_attention_image import image_candidate, image_decisio
 from optpass.registry import register_pass
 from optpass.sites import ModelGraph
 
-AUTO_COVERAGES = (0.9, 0.95, 0.98)  # tried most aggressive first under coverage="auto"
+AUTO_COVERAGES = (0.9, 0.95, 0.98, 0.99)  # tried most aggressive first under coverage="auto"
 ASSUMED_DENSITY = 0.25  # the planning estimate's layout density, before any calibration
 TIMED_LENGTHS = (1024, 2048, 4096)  # prefill lengths at which each layer's layout is timed against SDPA
 

@@ -77,12 +77,14 @@ def install(model: nn.Module) -> Callable[[], None]:
     modules = [m for i, m in attention_modules(model).items() if i < len(kinds) and kinds[i].kind == FULL]
     for module in modules:
         setattr(module, ATTRIBUTE, True)
+    return lambda: remove(model)
 
-    def undo() -> None:
-        for module in modules:
-            if hasattr(module, ATTRIBUTE):
-                delattr(module, ATTRIBUTE)
-    return undo
+
+def remove(model: nn.Module) -> None:
+    """Every layer back to the model's own attention for its prefills."""
+    for module in model.modules():
+        if hasattr(module, ATTRIBUTE):
+            delattr(module, ATTRIBUTE)
 
 
 def mark_attention(module: nn.Module) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optpass.backends.cpu import prefill_attention
 from optpass.backends.cpu.head_embedding import HeadRowsEmbedding, set_module
 from optpass.backends.cpu.quant_linear import QuantizedLinear
 from optpass.export.common import LinearWeights, linear_weights
@@ -39,6 +40,7 @@ def float_twin(model: nn.Module, weight_for: WeightFor) -> nn.Module:
     for path, module in model.named_modules():  # lookups of the head's rows: the exported float table
         if isinstance(module, HeadRowsEmbedding):
             set_module(twin, path, module.float_copy())
+    prefill_attention.remove(twin)  # engines attend with their own kernels, not optpass's bf16 prefill kernel
     return twin.eval()
 
 

@@ -31,42 +31,48 @@ namespace {
 constexpr int kKeyTile = 64;  // keys per tile: four 16-key vectors of scores
 constexpr int kRows = 4;      // query rows per micro-tile of the score product
 
-inline uint16_t to_bf16(float x) {  // round to nearest even (inputs are finite)
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 struct Shapes {
   int64_t B, Hq, Hk, S, D, G, Sp;  // Sp: S rounded up to the key tile
 };
 
-// keys of one (batch, KV head) -> [Sp/16][D/2][16][2] bf16 (zero past S)
-void pack_keys(const float* k, int64_t ks2, const Shapes& s, uint16_t* out) {
-  const int64_t pairs = s.D / 2;
-  for (int64_t g = 0; g < s.Sp / 16; ++g)
-    for (int64_t t = 0; t < pairs; ++t)
-      for (int64_t j = 0; j < 16; ++j) {
-        const int64_t key = g * 16 + j;
-        uint16_t* o = out + ((g * pairs + t) * 16 + j) * 2;
-        if (key < s.S) {
-          o[0] = to_bf16(k[key * ks2 + 2 * t]);
-          o[1] = to_bf16(k[key * ks2 + 2 * t + 1]);
-        } else {
-          o[0] = o[1] = 0;
-        }
-      }
+// 16 floats (the first `n` of them) -> 16 bf16, round to nearest even (as to_bf16), optionally scaled
+inline __m256i bf16x16(const float* x, int64_t n, float scale = 1.f) {
+  const __mmask16 m = static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x), _mm512_set1_ps(scale)));
 }
 
-// values of one (batch, KV head) -> [Sp/2][D][2] bf16 (zero past S)
-void pack_values(const float* v, int64_t vs2, const Shapes& s, uint16_t* out) {
-  for (int64_t p = 0; p < s.Sp / 2; ++p)
-    for (int64_t d = 0; d < s.D; ++d)
-      for (int64_t w = 0; w < 2; ++w) {
-        const int64_t key = 2 * p + w;
-        out[(p * s.D + d) * 2 + w] = key < s.S ? to_bf16(v[key * vs2 + d]) : 0;
-      }
+// keys g*16 .. g*16+15 of one (batch, KV head) -> their [D/2][16][2] bf16 slice of the packed keys (zero past S):
+// each key row converted to bf16 once, then its 32-bit dim pairs transposed into key lanes
+void pack_key_group(const float* k, int64_t ks2, const Shapes& s, int64_t g, uint16_t* out) {
+  const int64_t pairs = s.D / 2;
+  alignas(64) uint32_t rows[16][256];  // D <= 512
+  for (int64_t j = 0; j < 16; ++j) {
+    const int64_t key = g * 16 + j;
+    for (int64_t d0 = 0; d0 < s.D; d0 += 16) {
+      const __m256i h = key < s.S ? bf16x16(k + key * ks2 + d0, s.D - d0) : _mm256_setzero_si256();
+      _mm256_store_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(rows[j]) + d0), h);
+    }
+  }
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  for (int64_t t = 0; t < pairs; ++t)
+    for (int64_t j = 0; j < 16; ++j) o[t * 16 + j] = rows[j][t];
+}
+
+// keys g*16 .. g*16+15 of one (batch, KV head) -> their [8 pairs][D][2] bf16 slice of the packed values (zero past
+// S): the two keys of a pair interleaved per dim
+void pack_value_group(const float* v, int64_t vs2, const Shapes& s, int64_t g, uint16_t* out) {
+  alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  for (int64_t p = 0; p < 8; ++p) {
+    const int64_t key = g * 16 + 2 * p;
+    for (int64_t d0 = 0; d0 < s.D; d0 += 16) {
+      const __m256i a = key < s.S ? bf16x16(v + key * vs2 + d0, s.D - d0) : _mm256_setzero_si256();
+      const __m256i b = key + 1 < s.S ? bf16x16(v + (key + 1) * vs2 + d0, s.D - d0) : _mm256_setzero_si256();
+      const __m512i ab = _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
+      _mm512_storeu_si512(out + (p * s.D + d0) * 2, ab);
+    }
+  }
 }
 
 // scores of kRows query rows (bf16, [rows][D]) against NV * 16 keys starting at 16-key group g0
@@ -224,11 +230,12 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
   const float* kd = k.data_ptr<float>();
   const float* vd = v.data_ptr<float>();
   const int64_t threads = at::get_num_threads();
+  const int64_t groups = s.Sp / 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t bh = 0; bh < s.B * s.Hk; ++bh) {
-    const int64_t b = bh / s.Hk, h = bh % s.Hk;
-    pack_keys(kd + b * k.stride(0) + h * k.stride(1), k.stride(2), s, kp.data() + bh * kpack);
-    pack_values(vd + b * v.stride(0) + h * v.stride(1), v.stride(2), s, vp.data() + bh * kpack);
+  for (int64_t task = 0; task < s.B * s.Hk * groups; ++task) {
+    const int64_t bh = task / groups, g = task % groups, b = bh / s.Hk, h = bh % s.Hk;
+    pack_key_group(kd + b * k.stride(0) + h * k.stride(1), k.stride(2), s, g, kp.data() + bh * kpack + g * 16 * s.D);
+    pack_value_group(vd + b * v.stride(0) + h * v.stride(1), v.stride(2), s, g, vp.data() + bh * kpack + g * 16 * s.D);
   }
 
   auto result = torch::empty({s.B, s.S, s.Hq, s.D}, q.options());
@@ -247,7 +254,9 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
       state.resize(padded_rows, s.D);
       const float* qsrc = qd + b * q.stride(0) + hq * q.stride(1) + q0 * q.stride(2);
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < s.D; ++d) state.q[r * s.D + d] = to_bf16(qsrc[r * q.stride(2) + d] * sc);
+        for (int64_t d0 = 0; d0 < s.D; d0 += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(state.q.data() + r * s.D + d0),
+                              bf16x16(qsrc + r * q.stride(2) + d0, s.D - d0, sc));
       const int64_t lo = start[b];
       const uint16_t* kph = kp.data() + (b * s.Hk + h) * kpack;
       const uint16_t* vph = vp.data() + (b * s.Hk + h) * kpack;
@@ -259,8 +268,11 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
         const int64_t kend = std::min<int64_t>({(kb + 1) * block, s.S, causal ? q0 + rows : s.S});
         for (int64_t k0 = kstart; k0 < kend; k0 += kKeyTile) {
           const int64_t n = std::min<int64_t>(kKeyTile, kend - k0);
-          const int nv = static_cast<int>((n + 15) / 16);
           for (int64_t r0 = 0; r0 < padded_rows; r0 += kRows) {
+            // causal: this row group sees keys up to its last row only (the diagonal tile's upper part is skipped)
+            const int64_t seen = causal ? std::min<int64_t>(n, q0 + r0 + kRows - k0) : n;
+            if (seen <= 0 || q0 + r0 + kRows <= lo) continue;  // every row before these keys, or padding
+            const int nv = static_cast<int>((seen + 15) / 16);
             switch (nv) {
               case 1: tile<1>(state, r0, q0, k0, n, lo, causal, s.S, s.D, kph, vph); break;
               case 2: tile<2>(state, r0, q0, k0, n, lo, causal, s.S, s.D, kph, vph); break;

@@ -38,6 +38,9 @@ def summary(record: dict) -> str:
         rates = ", ".join(f"{r / 1e9:.0f} (±{v['spread'][m] / 2:.0%})" for m, r in v["rates"].items())
         lines.append(f"  {scheme:9s} | {v['overhead'] * 1e6:6.1f} | {v['bw'] / 1e9:5.1f} | {rates}")
     lines.append("sdpa causal GFLOP/s: " + ", ".join(f"S={s}: {v['flops_per_s'] / 1e9:.0f}" for s, v in record["sdpa"].items()))
+    if "block_sparse" in record:
+        lines.append("block-sparse lowering, dense causal layout, GFLOP/s: " + ", ".join(
+            f"S={s}: {v['flops_per_s'] / 1e9:.0f}" for s, v in record["block_sparse"].items()))
     return "\n".join(lines)
 
 

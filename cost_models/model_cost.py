@@ -24,11 +24,20 @@ from optpass.sites import ModelGraph
 _NOT_RUN = ("_assert_tensor_metadata", "sym_size", "sym_numel", "_assert_scalar")
 _VIEWS = ("view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "slice", "alias", "permute", "select",
           "t.default", "detach")
-Overrides = dict[str, str]  # linear site name -> scheme key ("int8", "int4_g64", ...)
+Overrides = dict[str, str]  # linear site name -> scheme key ("int8", "int4_g64", ...); ATTENTION -> lowering
+ATTENTION = "attention"  # the override key of the causal attentions' lowering
+PREFILL_KERNEL = "bf16_prefill_kernel"  # long causal prefills on optpass's bf16 kernel (`formulas.prefill_kernel_time`)
+
+
+def _quantize_effects(cand: Any) -> Overrides:
+    out = {s: F.scheme_key(cand.params["scheme"], cand.params.get("group_size")) for s in cand.sites}
+    if cand.params.get("prefill_attention"):  # quantized blocks also move long prefills to the bf16 kernel
+        out[ATTENTION] = PREFILL_KERNEL
+    return out
+
+
 # pass name -> the linear schemes its candidate gives each site (passes with other effects register theirs)
-EFFECTS: dict[str, Callable[[Any], Overrides]] = {
-    "quantize": lambda c: {s: F.scheme_key(c.params["scheme"], c.params.get("group_size")) for s in c.sites},
-}
+EFFECTS: dict[str, Callable[[Any], Overrides]] = {"quantize": _quantize_effects}
 
 
 def overrides_for(candidates: list[Any]) -> Overrides:
@@ -77,8 +86,11 @@ def forward_terms(graph: ModelGraph, spec: HardwareSpec, overrides: Overrides | 
     shapes = Counter((overrides.get(s.name, "fp32"), s.out_features, s.in_features) for s in graph.linears)
     terms = {f"linear {sch} {n}x{k}": count * F.linear_time(spec, sch, n, k) for (sch, n, k), count in shapes.items()}
     heads = Counter((a.num_heads, a.num_kv_heads, a.head_dim, a.causal) for a in graph.attentions)
+    kernel = overrides.get(ATTENTION) == PREFILL_KERNEL
     if heads:
-        terms["attention"] = F.total(c * F.sdpa_time(spec, h, kv, d, causal) for (h, kv, d, causal), c in heads.items())
+        terms["attention"] = F.total(
+            c * (F.prefill_kernel_time(spec, h, kv, d) if kernel and causal else F.sdpa_time(spec, h, kv, d, causal))
+            for (h, kv, d, causal), c in heads.items())
     ops, numel = glue(graph)
     if ops:
         terms["glue ops"] = ops * spec.launch_floor + F.elementwise_time(spec, numel) - (

@@ -22,8 +22,7 @@ from optpass.backends.cpu.head_embedding import (HeadRowsEmbedding, from_record,
 from optpass.backends.cpu import gemv_ops
 from optpass.backends.cpu.quant_linear import Int4Linear, Int8Linear, QuantizedLinear, int4_supported
 from optpass.cost_models.hardware import HardwareSpec
-from optpass.cost_models.formulas import scheme_key
-from optpass.cost_models.model_cost import rewrite_estimate
+from optpass.cost_models.model_cost import overrides_for, rewrite_estimate
 from optpass.cost_models.quantization import w8a8_crossover, weight_bytes
 from optpass.errors import ConfigError
 from optpass.cost_models.selection import fastest_first
@@ -106,8 +105,12 @@ class QuantizePass(Pass):
         w8a8 = None
         if self.config.w8a8 and scheme == "int8" and not gs:
             w8a8 = min((c for s in ok if (c := w8a8_crossover(s, target)) is not None), default=None)
-        params = {"group": group, "scheme": scheme, "group_size": gs, "w8a8_min_rows": w8a8}
-        overrides = {s.name: scheme_key(scheme, gs) for s in ok}
+        # quantized blocks attend long prefills with the bf16 kernel (`_swapper`): part of what the estimate prices
+        kernel = group == "blocks" and target.kind == "cpu" and graph.model_kind == "causal_lm" \
+            and prefill_attention.available()
+        params = {"group": group, "scheme": scheme, "group_size": gs, "w8a8_min_rows": w8a8,
+                  "prefill_attention": kernel}
+        overrides = overrides_for([Candidate(self.name, tuple(s.name for s in ok), params)])
         out.append(Candidate(self.name, tuple(s.name for s in ok), params,
                              rewrite_estimate(graph, target, overrides, d_mem), label=label))
         return out
@@ -127,7 +130,7 @@ class QuantizePass(Pass):
             originals = _swap(model, cand, self.config, context, self._notes)
             # quantized blocks run their prefill GEMMs on bf16 (or int8) activations: their attention prefill runs the
             # bf16 kernel too, inside the option the budget measures
-            undo_attention = prefill_attention.install(model) if cand.params["group"] == "blocks" else None
+            undo_attention = prefill_attention.install(model) if cand.params.get("prefill_attention") else None
 
             def undo() -> None:
                 if undo_attention is not None:

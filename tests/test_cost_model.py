@@ -239,3 +239,27 @@ def test_explain_curves_show_each_candidate_even_when_the_plan_changes_no_forwar
         others = [n for n in names if n != "baseline" and not n.startswith("plan: ")]
         assert any(series[n] != series["baseline"] for n in others), mode
         assert not any(n.startswith("plan: ") and series[n] == series["baseline"] for n in names)
+
+
+def test_quantized_blocks_price_their_prefill_attention_on_the_kernel(tiny_graph, quick_calibration):
+    """Blocks candidates that route long prefills to the bf16 kernel carry that in their estimate: the attention
+    term is the calibrated kernel above 16 new tokens and SDPA at or below (decode, verify rows)."""
+    from optpass.backends.cpu import prefill_attention
+    from optpass.cost_models.model_cost import ATTENTION, PREFILL_KERNEL, forward_terms
+    from optpass.passes.quantize import QuantizePass
+
+    _, graph = tiny_graph
+    spec = get_spec("cpu")
+    assert "block_sparse" in quick_calibration and spec.sparse_call_floor is not None
+    blocks = next(c for c in QuantizePass().candidates(graph, spec) if c.viable and c.label == "blocks int8")
+    assert blocks.params["prefill_attention"] == prefill_attention.available()
+    head = next(c for c in QuantizePass().candidates(graph, spec) if c.viable and c.label.startswith("lm_head"))
+    assert not head.params["prefill_attention"] and ATTENTION not in overrides_for([head])
+    kernel = forward_terms(graph, spec, {ATTENTION: PREFILL_KERNEL})["attention"]
+    sdpa = forward_terms(graph, spec, {})["attention"]
+    at = lambda s: {F.B: 1, F.S: s, F.S_ctx: s}  # noqa: E731
+    assert F.evaluate(kernel.subs(at(16))) == pytest.approx(F.evaluate(sdpa.subs(at(16))))
+    heads = {(a.num_heads, a.num_kv_heads, a.head_dim) for a in graph.attentions}
+    want = sum(F.evaluate((F.sparse_attention_time(spec, h, kv, d, 1.0).subs(at(512)))) + spec.sparse_call_floor
+               for a in graph.attentions for (h, kv, d) in [(a.num_heads, a.num_kv_heads, a.head_dim)])
+    assert len(heads) == 1 and F.evaluate(kernel.subs(at(512))) == pytest.approx(want)

@@ -10,7 +10,10 @@ sliding-window block mask, what a user would write), in one process.
   all tokens and over the second half, KL and top-1 vs dense on the second half;
 - passkey retrieval at 4k and 8k (needle at several depths), dense vs the plan.
 
-    python benchmarks/sparse_attention.py [--lengths 1024,2048,4096,8192] [--rounds 3] [--budget ppl:2%]
+    python benchmarks/sparse_attention.py [--model smollm2] [--lengths 1024,2048,4096,8192] [--rounds 3] [--budget ppl:2%]
+
+Other models (e.g. `--model gemma3-270m`): only full-attention layers are planned and timed (sliding-window layers
+keep their own attention), and the FlexAttention peer, which would replace every layer's attention, is left out.
 """
 
 from __future__ import annotations
@@ -76,12 +79,19 @@ class UserFlexWindow:
         return name
 
 
+def full_layers(model: Any) -> list[int]:
+    """The full-attention layers (the pass plans only these; sliding-window layers keep their own attention)."""
+    from optpass.hf_compat import FULL, layer_kinds
+
+    return [i for i, k in enumerate(layer_kinds(model.config)) if k.kind == FULL]
+
+
 def uniform_plans(model: Any, spec: dict[str, Any]) -> dict[int, Any]:
     from optpass.backends.sparse import LayerSparsity
     from optpass.passes.sparse_attention import attention_modules
 
-    heads = model.config.num_attention_heads
-    return {i: LayerSparsity(tuple(dict(spec) for _ in range(heads)), 2) for i in attention_modules(model)}
+    heads, full = model.config.num_attention_heads, set(full_layers(model))
+    return {i: LayerSparsity(tuple(dict(spec) for _ in range(heads)), 2) for i in attention_modules(model) if i in full}
 
 
 class Arms:
@@ -91,7 +101,9 @@ class Arms:
         self.model, self.routed = model, model.config._attn_implementation
         self.plans = {"dense": {}, "optpass plan": chosen,
                       **{f"uniform {k}": uniform_plans(model, v) for k, v in UNIFORM.items()}}
-        self.peers = {f"peer flex window {w}": UserFlexWindow(w) for w in PEER_WINDOWS}
+        # the peer replaces every layer's attention: only comparable where every layer is a full-attention one
+        every_layer_full = len(full_layers(model)) == model.config.num_hidden_layers
+        self.peers = {f"peer flex window {w}": UserFlexWindow(w) for w in PEER_WINDOWS} if every_layer_full else {}
         for name, peer in self.peers.items():
             peer.register(name.replace(" ", "_"))
 
@@ -134,11 +146,12 @@ def speed(arms: Arms, ids: torch.Tensor, lengths: list[int], rounds: int, timed_
     out: dict[str, Any] = {}
     for seq in lengths:
         arms.use("dense")
-        records = capture_queries_keys(arms.model, ids[:, :seq])
+        full = set(full_layers(arms.model))
+        records = {i: r for i, r in capture_queries_keys(arms.model, ids[:, :seq]).items() if i in full}
         fns: dict[str, Callable[[], dict[str, float]]] = {}
         for arm in ["dense", "optpass plan", *[f"uniform {k}" for k in UNIFORM], *arms.peers]:
             fns[f"attention {arm}"] = lambda arm=arm: {"s": attention_seconds(arms, arm, records, seq)}
-        for arm in timed_arms:
+        for arm in [a for a in timed_arms if a in arms.plans or a in arms.peers]:
             def ttft(arm: str = arm) -> dict[str, float]:
                 arms.use(arm)
                 start = time.perf_counter()
@@ -160,23 +173,43 @@ def speed(arms: Arms, ids: torch.Tensor, lengths: list[int], rounds: int, timed_
     return out
 
 
+def next_token_logits(model: Any, ids: torch.Tensor, keep: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll [S - 1], logits of the last `keep` positions) without materialising S x vocabulary logits at once
+    (Gemma-3's 262k vocabulary at 8k tokens would be 8.6 GB): the head runs on chunks of the final hidden states,
+    and only the chunks' last-`keep` rows are kept."""
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0, :-1]
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+    first_kept = hidden.shape[0] - keep
+    nll, kept = [], []
+    for a in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[a:a + chunk]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        nll.append(F.cross_entropy(logits, ids[0, 1 + a:1 + a + chunk], reduction="none"))
+        if a + logits.shape[0] > first_kept:
+            kept.append(logits[max(first_kept - a, 0):].clone())
+    return torch.cat(nll), torch.cat(kept)
+
+
 @torch.no_grad()
-def quality(arms: Arms, ids: torch.Tensor) -> dict[str, Any]:
+def quality(arms: Arms, ids: torch.Tensor, kl_tokens: int | None = None) -> dict[str, Any]:
+    """Perplexity over all tokens and the second half; KL / top-1 vs dense on the last `kl_tokens` positions (None:
+    the second half)."""
     from optpass.metrics import logits_kl, top1_agreement
 
     half = ids.shape[1] // 2
+    window = kl_tokens or (ids.shape[1] - half)
     results, reference = {}, None
     for arm in ["dense", "optpass plan", *[f"uniform {k}" for k in UNIFORM], *arms.peers]:
         arms.use(arm)
-        logits = arms.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")
-        tail = logits[half - 1:]
+        nll, tail = next_token_logits(arms.model, ids, window)
         row = {"ppl": math.exp(float(nll.mean())), "ppl_second_half": math.exp(float(nll[half - 1:].mean()))}
+        key = "second_half" if kl_tokens is None else f"last_{window}"
         if reference is None:
             reference = tail
         else:
-            row.update(kl_second_half=logits_kl(reference[None], tail[None]),
-                       top1_second_half=top1_agreement(reference[None], tail[None]))
+            row.update({f"kl_{key}": logits_kl(reference[None], tail[None]),
+                        f"top1_{key}": top1_agreement(reference[None], tail[None])})
         results[arm] = row
         print(f"[bench] quality {arm}: {row}", file=sys.stderr, flush=True)
     base = results["dense"]
@@ -200,10 +233,12 @@ def passkey(arms: Arms, tokenizer: Any, lengths: list[int], depths: tuple[float,
 def main() -> None:
     import optpass
     from optpass.corpus import token_windows
-    from optpass.models import load_smollm2
+    from optpass.models import load_builtin
     from optpass.passes.sparse_attention import ATTRIBUTE, SparseAttentionConfig, attention_modules
 
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", help="a built-in causal LM (smollm2, gemma3-270m)")
+    ap.add_argument("--kl-tokens", type=int, default=None, help="KL / top-1 window (default: the second half)")
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", default="ppl:2%")
@@ -215,7 +250,7 @@ def main() -> None:
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     torch.manual_seed(0)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_builtin(args.model)
     started = time.perf_counter()
     optimized = optpass.optimize(model.eval(), passes=[SparseAttentionConfig(
         context=max(lengths), calibration_len=args.calibration_len, eval_len=args.eval_len)],
@@ -228,17 +263,17 @@ def main() -> None:
     arms = Arms(optimized, chosen)
     doc = token_windows(tokenizer, window=max(lengths + [args.quality_len]), count=1, offset_windows=2)
     result: dict[str, Any] = {
-        "scenario": "sparse_attention_smollm2", "command": " ".join(["python", *sys.argv]), "machine": machine_info(),
+        "scenario": f"sparse_attention_{args.model.replace('-', '_')}", "command": " ".join(["python", *sys.argv]), "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget": args.budget, "optimize_s": optimize_s,
         "pass": {"status": record.status, "reason": record.reason, "details": record.details},
         "speed": speed(arms, doc, lengths, args.rounds,
                        ["dense", "optpass plan", "uniform dense layout", "peer flex window 1024"]),
     }
-    result["quality"] = quality(arms, doc[:, :args.quality_len])
+    result["quality"] = quality(arms, doc[:, :args.quality_len], args.kl_tokens)
     depths = tuple(float(x) for x in args.depths.split(","))
     result["passkey"] = passkey(arms, tokenizer, [int(x) for x in args.passkey.split(",") if x], depths)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "sparse_attention_smollm2.json"
+    path = RESULTS / f"{result['scenario']}.json"
     path.write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps({k: result[k] for k in ("optimize_s", "quality", "passkey")}, indent=1, default=str))
     print(f"wrote {path}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import RESULTS, machine_info  # noqa: E402
+from optpass.hf_compat import full_attention_layers  # noqa: E402
 from optpass.measure import interleaved_rounds  # noqa: E402
 
 # "dense layout" runs every block through the same lowering as the plan: the kernel's own gain over SDPA, without
@@ -79,18 +80,11 @@ class UserFlexWindow:
         return name
 
 
-def full_layers(model: Any) -> list[int]:
-    """The full-attention layers (the pass plans only these; sliding-window layers keep their own attention)."""
-    from optpass.hf_compat import FULL, layer_kinds
-
-    return [i for i, k in enumerate(layer_kinds(model.config)) if k.kind == FULL]
-
-
 def uniform_plans(model: Any, spec: dict[str, Any]) -> dict[int, Any]:
     from optpass.backends.sparse import LayerSparsity
     from optpass.passes.sparse_attention import attention_modules
 
-    heads, full = model.config.num_attention_heads, set(full_layers(model))
+    heads, full = model.config.num_attention_heads, set(full_attention_layers(model.config))
     return {i: LayerSparsity(tuple(dict(spec) for _ in range(heads)), 2) for i in attention_modules(model) if i in full}
 
 
@@ -102,7 +96,7 @@ class Arms:
         self.plans = {"dense": {}, "optpass plan": chosen,
                       **{f"uniform {k}": uniform_plans(model, v) for k, v in UNIFORM.items()}}
         # the peer replaces every layer's attention: only comparable where every layer is a full-attention one
-        every_layer_full = len(full_layers(model)) == model.config.num_hidden_layers
+        every_layer_full = len(full_attention_layers(model.config)) == model.config.num_hidden_layers
         self.peers = {f"peer flex window {w}": UserFlexWindow(w) for w in PEER_WINDOWS} if every_layer_full else {}
         for name, peer in self.peers.items():
             peer.register(name.replace(" ", "_"))
@@ -146,7 +140,7 @@ def speed(arms: Arms, ids: torch.Tensor, lengths: list[int], rounds: int, timed_
     out: dict[str, Any] = {}
     for seq in lengths:
         arms.use("dense")
-        full = set(full_layers(arms.model))
+        full = set(full_attention_layers(arms.model.config))
         records = {i: r for i, r in capture_queries_keys(arms.model, ids[:, :seq]).items() if i in full}
         fns: dict[str, Callable[[], dict[str, float]]] = {}
         for arm in ["dense", "optpass plan", *[f"uniform {k}" for k in UNIFORM], *arms.peers]:

@@ -174,29 +174,38 @@ def _linear(scheme: str, cache_bytes: float, shape: tuple[int, int], rows_list: 
     return out
 
 
-def _sdpa(seqs: tuple[int, ...], reps: int, heads: int = 9, dim: int = 64) -> dict[int, dict[str, float]]:
+def _causal_rates(seqs: tuple[int, ...], reps: int, kv_heads: int,
+                  call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object], heads: int = 9,
+                  dim: int = 64) -> dict[int, dict[str, float]]:
+    """Seconds and causal-attention FLOP/s of `call(q, k, v)` at each length (q [1, heads, S, dim], k / v with
+    `kv_heads`)."""
     out = {}
     for s in seqs:
-        q, k, v = (torch.randn(1, heads, s, dim) for _ in range(3))
-        r = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), reps)
+        q, k, v = torch.randn(1, heads, s, dim), torch.randn(1, kv_heads, s, dim), torch.randn(1, kv_heads, s, dim)
+        r = _time(lambda: call(q, k, v), reps)
         out[s] = {**r, "flops_per_s": 4.0 * heads * dim * s * (s + 1) / 2 / r["median"]}
     return out
 
 
-def _block_sparse(seqs: tuple[int, ...], reps: int, heads: int = 9, kv_heads: int = 3, dim: int = 64,
-                  block: int = 64) -> dict[int, dict[str, float]]:
+def _sdpa(seqs: tuple[int, ...], reps: int) -> dict[int, dict[str, float]]:
+    return _causal_rates(seqs, reps, 9, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True))
+
+
+def _block_sparse(seqs: tuple[int, ...], reps: int, block: int = 64) -> dict[int, dict[str, float]]:
     """The block-sparse lowering this machine runs (`backends/sparse/execute.py`: optpass's bf16 kernel, or
     FlexAttention) on a dense causal layout, layout conversion included: its rate at long prefills and, from the
     shortest, its per-call cost, which the cost model's sparse-attention crossover needs."""
     from optpass.backends.sparse.execute import block_sparse_attention
 
-    out = {}
-    for s in seqs:
-        q, k, v = torch.randn(1, heads, s, dim), torch.randn(1, kv_heads, s, dim), torch.randn(1, kv_heads, s, dim)
-        keep = torch.ones(1, 1, -(-s // block), -(-s // block), dtype=torch.bool)
-        r = _time(lambda: block_sparse_attention(q, k, v, keep, block, dim ** -0.5), reps)
-        out[s] = {**r, "flops_per_s": 4.0 * heads * dim * s * (s + 1) / 2 / r["median"]}
-    return out
+    layouts: dict[int, torch.Tensor] = {}  # built once per length, outside the timed calls
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> object:
+        n = -(-q.shape[2] // block)
+        if n not in layouts:
+            layouts[n] = torch.ones(1, 1, n, n, dtype=torch.bool)
+        return block_sparse_attention(q, k, v, layouts[n], block, q.shape[-1] ** -0.5)
+    return _causal_rates(seqs, reps, 3, call)
 
 
 def _floors(reps: int) -> dict[str, dict[str, float]]:

@@ -192,20 +192,17 @@ def sparse_attention_time(spec: HardwareSpec, heads: int, kv_heads: int, dim: in
                     spec.efficiency.get("memory", 0.8), spec.launch_floor + spec.attention_floor, spec.launch_additive)
 
 
-# a causal prefill (more than this many new tokens) that optpass's bf16 kernel attends instead of SDPA
-# (`backends/cpu/prefill_attention.route`: decode and verify steps keep their own kernel)
-PREFILL_KERNEL_MIN_ROWS = 16
-
-
 def prefill_kernel_time(spec: HardwareSpec, heads: int, kv_heads: int, dim: int, batch: Expr = B, q_len: Expr = S,
                         ctx: Expr = S_ctx) -> Expr:
     """Attention of a layer whose long prefills run optpass's bf16 kernel: the kernel (a dense causal layout of the
-    block-sparse lowering, as the calibration times it, plus its per-call floor) above PREFILL_KERNEL_MIN_ROWS new
-    tokens, fused SDPA below."""
+    block-sparse lowering, as the calibration times it, plus its per-call floor) from `prefill_attention.MIN_ROWS`
+    new tokens (`prefill_attention.route`), fused SDPA below (decode and verify steps keep their own kernel)."""
+    from optpass.backends.cpu.prefill_attention import MIN_ROWS
+
     kernel = sparse_attention_time(spec, heads, kv_heads, dim, 1.0, causal=True, batch=batch, q_len=q_len, ctx=ctx) \
         + (spec.sparse_call_floor or 0.0)
     sdpa = sdpa_time(spec, heads, kv_heads, dim, True, batch, q_len, ctx)
-    return sp.Piecewise((kernel, q_len > PREFILL_KERNEL_MIN_ROWS), (sdpa, True))
+    return sp.Piecewise((kernel, q_len > MIN_ROWS - 1), (sdpa, True))
 
 
 def linear_attention_time(spec: HardwareSpec, heads: int, dim: int, batch: Expr = B, q_len: Expr = S,

@@ -94,6 +94,11 @@ def layer_kinds(config: Any) -> list[LayerKind]:
     return kinds
 
 
+def full_attention_layers(config: Any) -> list[int]:
+    """Indices of the layers with full (not sliding-window) attention."""
+    return [i for i, k in enumerate(layer_kinds(config)) if k.kind == FULL]
+
+
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     """layer index -> attention module (transformers' attention modules carry `layer_idx`)."""
     return {m.layer_idx: m for m in model.modules()

@@ -28,7 +28,7 @@ from optpass.backends.sparse.search import capture_queries_keys
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.local_attention import local_estimate
 from optpass.errors import ConfigError
-from optpass.hf_compat import FULL, LOCAL_LAYERS, layer_kinds, local_layers, text_config
+from optpass.hf_compat import LOCAL_LAYERS, full_attention_layers, local_layers, text_config
 from optpass.long_context import corpus_ids, reference_logits, tail_quality
 from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
 from optpass.registry import register_pass
@@ -123,7 +123,7 @@ class LinearAttentionPass(Pass):
         if reason:
             return PassResult(self.name, model, False, reason=reason)
         cfg = self.config
-        full = [i for i, k in enumerate(layer_kinds(model.config)) if k.kind == FULL]
+        full = full_attention_layers(model.config)
         if not full:
             return PassResult(self.name, model, False, reason="no full-attention layer to make local (every layer "
                               "already attends to a bounded window)")

@@ -156,8 +156,9 @@ class QuantizePass(Pass):
                 not_kept.setdefault(cand.label, f"{group['kept']} was kept first")
         decisions: dict[str, Any] = {**groups, **self._notes, "not_kept": not_kept}
         if prefill_attention.installed(model):
-            decisions["prefill_attention"] = ("long prefills (> 16 rows) of full-attention layers run optpass's bf16 "
-                                              "flash kernel (bf16 inputs, fp32 sums), measured with the blocks")
+            decisions["prefill_attention"] = (f"long prefills (>= {prefill_attention.MIN_ROWS} rows) of full-attention "
+                                              "layers run optpass's bf16 flash kernel (bf16 inputs, fp32 sums), "
+                                              "measured with the blocks")
         _tie_embedding(model)
         runtime = {}
         if self.config.fast_decode and hasattr(model, "generate") and hasattr(model, "config"):

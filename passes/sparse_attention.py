@@ -33,7 +33,7 @@ from optpass.backends.sparse.search import DEFAULT_CANDIDATES, HeadScores, captu
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.sparse_attention import layer_crossover, prefill_estimate
 from optpass.errors import ConfigError
-from optpass.hf_compat import FULL, attention_modules, layer_kinds
+from optpass.hf_compat import attention_modules, full_attention_layers
 from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
 from optpass.long_context import EVAL_TAIL, corpus_ids, reference_logits, tail_quality
 from optpass.passes.sparse_attention_image import image_candidate, image_decisions, image_finish
@@ -161,7 +161,7 @@ class SparseAttentionPass(Pass):
         reason = support_reason(model)
         if reason:
             return PassResult(self.name, model, False, reason=reason)
-        full = [i for i, k in enumerate(layer_kinds(model.config)) if k.kind == FULL]
+        full = full_attention_layers(model.config)
         modules = attention_modules(model)
         layers = [i for i in full if i in modules]
         if not layers:

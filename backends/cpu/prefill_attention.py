@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from optpass.backends.cpu.decode_attention import MAX_QUERY_ROWS
+
 DENSE_BLOCK = 64  # query rows per task when no layout is given
+MIN_ROWS = MAX_QUERY_ROWS + 1  # shorter calls (decode and verify steps) keep the decode kernel / SDPA
 
 
 def available() -> bool:
@@ -68,13 +71,13 @@ def install(model: nn.Module) -> Callable[[], None]:
     model's attention cannot be routed."""
     from optpass.backends.kv import enable_compressed_attention
     from optpass.backends.kv.attention import support_reason
-    from optpass.hf_compat import FULL, attention_modules, layer_kinds
+    from optpass.hf_compat import attention_modules, full_attention_layers
 
     if not available() or support_reason(model) is not None:  # not a transformers LM optpass can route
         return lambda: None
     enable_compressed_attention(model)
-    kinds = layer_kinds(model.config)
-    modules = [m for i, m in attention_modules(model).items() if i < len(kinds) and kinds[i].kind == FULL]
+    full = set(full_attention_layers(model.config))
+    modules = [m for i, m in attention_modules(model).items() if i in full]
     for module in modules:
         setattr(module, ATTRIBUTE, True)
     return lambda: remove(model)
@@ -106,14 +109,12 @@ def route(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: An
           kwargs: dict[str, Any]) -> Tensor | None:
     """[B, S, H, D] when this attention call is a long prefill from an empty cache of a layer `install` marked
     (causal, at most left padding, no softcap / sinks / window), else None: the model's own attention runs."""
-    from optpass.backends.cpu.decode_attention import MAX_QUERY_ROWS
-    from optpass.backends.sparse.attend import prefill_starts
-
     q_len = query.shape[2]
-    if not getattr(module, ATTRIBUTE, False) or q_len <= MAX_QUERY_ROWS or module.training \
-            or any(kwargs.get(k) for k in ("softcap", "s_aux", "sliding_window")):
+    if not getattr(module, ATTRIBUTE, False) or q_len < MIN_ROWS:
         return None
-    usable, starts = prefill_starts(mask, q_len, key.shape[2])
+    from optpass.backends.sparse.attend import prefill_starts  # (it imports this module)
+
+    usable, starts = prefill_starts(module, mask, q_len, key.shape[2], kwargs)
     if not usable:
         return None
     return attend(query, key, value, scale, causal=True, starts=starts)

@@ -45,9 +45,14 @@ def _key_valid(mask: Any, q_len: int, k_len: int) -> tuple[bool, Tensor | None]:
     return True, None if bool(valid.all()) else valid
 
 
-def prefill_starts(mask: Any, q_len: int, k_len: int) -> tuple[bool, Tensor | None]:
+def prefill_starts(module: nn.Module, mask: Any, q_len: int, k_len: int, kwargs: dict[str, Any]
+                   ) -> tuple[bool, Tensor | None]:
     """(usable, each row's first real position [B] or None without padding): usable when the call is a causal
-    prefill from an empty cache with at most left padding (holes or right padding: not usable)."""
+    prefill from an empty cache with at most left padding (holes or right padding: not usable), in eval mode,
+    without logit softcapping, attention sinks or a sliding window: what optpass's prefill lowerings replace."""
+    if module.training or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None \
+            or kwargs.get("sliding_window"):
+        return False, None
     usable, valid = _key_valid(mask, q_len, k_len)
     if not usable or valid is None:
         return usable, None
@@ -62,11 +67,9 @@ def sparse_prefill(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     """[B, S, H, D] (transformers' attention output layout) when this call runs sparse, else None."""
     plan = layer_plan(module)
     q_len = query.shape[2]
-    if plan is None or q_len < 2 or not plan.applies(q_len) or module.training:
+    if plan is None or q_len < 2 or not plan.applies(q_len):
         return None
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or kwargs.get("sliding_window"):
-        return None
-    usable, starts = prefill_starts(mask, q_len, key.shape[2])
+    usable, starts = prefill_starts(module, mask, q_len, key.shape[2], kwargs)
     if not usable:
         return None
     key, value = key[:, :, :q_len], value[:, :, :q_len]

@@ -67,15 +67,13 @@ def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tens
     build in torch 2.13)."""
     batch, heads, seq, _ = query.shape
     keep = keep.expand(batch, heads, *keep.shape[-2:])
-    if query.is_cuda:
-        from optpass.backends.triton import sparse_ops
-
+    if query.is_cuda or prefill_attention.applies(query, key, value, block):  # both take index lists
         count, indices = as_indices(clip_causal(keep) if causal else keep)
-        return sparse_ops.block_sparse_attention(query, key, value, count, indices, block, scale, causal, None)
-    if prefill_attention.applies(query, key, value, block):
-        out = prefill_attention.attend(query, key, value, scale, causal,
-                                       as_indices(clip_causal(keep) if causal else keep), block)
-        return out.transpose(1, 2)
+        if query.is_cuda:
+            from optpass.backends.triton import sparse_ops
+
+            return sparse_ops.block_sparse_attention(query, key, value, count, indices, block, scale, causal, None)
+        return prefill_attention.attend(query, key, value, scale, causal, (count, indices), block).transpose(1, 2)
     from torch.nn.attention.flex_attention import BlockMask
 
     partial_n, partial_i, full_n, full_i = kv_blocks(keep, seq, block, causal)

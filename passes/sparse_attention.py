@@ -42,7 +42,8 @@ from optpass.sites import ModelGraph
 
 AUTO_COVERAGES = (0.9, 0.95, 0.98, 0.99)  # tried most aggressive first under coverage="auto"
 ASSUMED_DENSITY = 0.25  # the planning estimate's layout density, before any calibration
-TIMED_LENGTHS = (1024, 2048, 4096)  # prefill lengths at which each layer's layout is timed against SDPA
+TIMED_LENGTHS = (1024, 2048, 4096)
+FULL_DENSITY = 0.999  # a layer keeping this share of its key blocks is dense attention  # prefill lengths at which each layer's layout is timed against SDPA
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,19 @@ def _density_at(specs: list[dict[str, Any]], measured: list[float], block: int) 
                 kept += float(density(clip_causal(pattern.block_mask(probe, probe, block)))[0])
         return kept / len(patterns), choosing / len(patterns)
     return rho
+
+
+def _empty_plan_reason(label: str, summary: dict[str, Any]) -> str:
+    """Why the kept option planned no layer. At a high coverage every head may keep all its key blocks (a layout
+    of density 1 is dense attention under another name), which a report must not pass off as a missing crossover."""
+    full = sorted(int(i) for i, row in summary.items() if row["density"] >= FULL_DENSITY)
+    if full and len(full) == len(summary):
+        return (f"{label} is the lowest coverage within the quality budget, and there every head of the full-attention "
+                f"layers {full} needs all its key blocks (no pattern keeps that share of the attention mass with fewer "
+                "blocks); attention stays dense")
+    densities = ", ".join(f"{i}: {row['density']}" for i, row in summary.items())
+    return ("the cost model finds no layer where sparse attention beats dense SDPA at any prefill length up to 128k "
+            f"(layer densities at {label}: {densities}); attention stays dense")
 
 
 def _measured(plans: dict[int, LayerSparsity], summary: dict[str, Any], records: dict[int, tuple], lengths: list[int],
@@ -243,8 +257,7 @@ class SparseAttentionPass(Pass):
                            "one is kept (from_tokens)")
         if not plans:
             install(model, {})
-            return PassResult(self.name, model, False, details=details, reason="the cost model finds no layer where "
-                              "sparse attention beats dense SDPA at any prefill length up to 128k; attention stays dense")
+            return PassResult(self.name, model, False, details=details, reason=_empty_plan_reason(kept["coverage"].label, summary))
         shortest = min(p.min_len for p in plans.values())
         details["sparse_from_tokens"] = shortest
         sites = tuple(n for n, _ in model.named_modules() if getattr(_, ATTRIBUTE, None) is not None)

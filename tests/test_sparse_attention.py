@@ -162,6 +162,18 @@ def test_a_budget_no_coverage_target_meets_rolls_back_with_the_reason():
     assert not any(hasattr(m, ATTRIBUTE) for m in attention_modules(out).values())
 
 
+def test_a_coverage_every_head_needs_dense_for_is_reported_as_such():
+    """coverage 1.0: the search keeps every key block of every head (density 1); the report says
+    that (not "the cost model finds no crossover", which is another cause)."""
+    model = tiny_llama(layers=2).eval()
+    out = _optimize(model, "ppl:50%", coverage=1.0, patterns=("block_topp",))
+    record = out.optpass_report.passes[0]
+    assert record.status == "skipped"
+    assert "every head of the full-attention layers [0, 1] needs all its key blocks" in record.reason, record.details["layers"]
+    assert all(v["density"] == 1.0 for v in record.details["layers"].values())
+    assert not any(hasattr(m, ATTRIBUTE) for m in attention_modules(out).values())
+
+
 def test_short_planning_context_is_not_chosen_under_auto_with_the_reason():
     from optpass.cost_models import get_spec
     from optpass.passes.sparse_attention import SparseAttentionPass

@@ -62,11 +62,21 @@ class LayerKind:
     kind: str
     window: int | None = None
     sink: int = 0
+    linear: bool = False  # a local layer that also attends linearly to what left its window (method="hedgehog")
 
 
 # config attribute: {"layer index": [sink, window]} of full-attention layers made local (sliding window + sinks);
 # a plain dict so it survives config.json
 LOCAL_LAYERS = "optpass_local_layers"
+
+
+# config attribute: ["layer index", ...] of local layers that are sliding-window + linear-attention hybrids
+LINEAR_LAYERS = "optpass_linear_layers"
+
+
+def linear_layers(config: Any) -> set[int]:
+    """Indices of the local layers that also attend linearly beyond their window (Hedgehog hybrids)."""
+    return {int(i) for i in getattr(text_config(config), LINEAR_LAYERS, None) or ()}
 
 
 def local_layers(config: Any) -> dict[int, tuple[int, int]]:
@@ -89,8 +99,9 @@ def layer_kinds(config: Any) -> list[LayerKind]:
     window = getattr(cfg, "sliding_window", None)
     types = list(getattr(cfg, "layer_types", None) or [SLIDING if window else FULL] * n)
     kinds = [LayerKind(t, int(window) if t == SLIDING and window else None) for t in types[:n]]
+    hybrid = linear_layers(config)
     for i, (sink, local_window) in local_layers(config).items():
-        kinds[i] = LayerKind(SLIDING, local_window, sink)
+        kinds[i] = LayerKind(SLIDING, local_window, sink, i in hybrid)
     return kinds
 
 

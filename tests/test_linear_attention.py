@@ -3,7 +3,7 @@ both compute attention over exactly each row's first `sink` real keys plus the t
 reference written from the definition, left padding and prompts shorter than the sinks included); a model with
 local layers decodes the same tokens through optpass's runtime (ring cache) as through Hugging Face's own loop;
 the pass applies within budget with per-layer figures and the KV saving, rolls back with the reason, refuses an
-unmeasurable window and an unbuilt method by name, and survives save / load."""
+unmeasurable window and an unknown method by name, and survives save / load."""
 
 from __future__ import annotations
 
@@ -163,14 +163,15 @@ def test_a_budget_no_share_meets_rolls_back_with_the_reason():
     assert not local_layers(out.config)
 
 
-def test_an_unmeasurable_window_a_lone_full_layer_and_an_unbuilt_method_are_refused_by_name():
+def test_an_unmeasurable_window_a_lone_full_layer_and_an_unknown_method_are_refused_by_name():
     out = _optimize(tiny_llama(layers=2).eval(), "ppl:10%", window=300)
     record = out.optpass_report.passes[0]
     assert record.status == "skipped" and "cannot be measured" in record.reason
     single = _optimize(tiny_llama(layers=1).eval(), "ppl:200%").optpass_report.passes[0]
     assert single.status == "skipped" and "only 1 full-attention layer" in single.reason
-    with pytest.raises(ConfigError, match="hedgehog.*not built"):
-        LinearAttentionConfig(method="hedgehog")
+    with pytest.raises(ConfigError, match="method='performer'; known"):
+        LinearAttentionConfig(method="performer")
+    assert LinearAttentionConfig(method="hedgehog").method == "hedgehog"  # the learned variant: tests/test_hedgehog.py
     with pytest.raises(ConfigError, match="largest first"):
         LinearAttentionConfig(shares=(0.5, 1.0))
 

@@ -28,6 +28,8 @@ from torch import nn
 
 from optpass.backends.cpu import decode_attention, prefill_attention
 from optpass.backends.kv.band import banded, local_window
+from optpass.backends.linear import hybrid
+from optpass.backends.linear.feature_map import maps_of
 from optpass.backends.sparse.attend import sparse_prefill
 from optpass.errors import UnsupportedModelError
 from optpass.hf_compat import FULL, SLIDING, layer_kinds
@@ -36,6 +38,7 @@ PREFIX = "optpass|"
 SUPPORTED_KINDS = (FULL, SLIDING)
 _claims: list[Any] = []  # the optpass cache layer whose update() just ran, waiting for its attention call
 _observers: list[Callable] = []  # called as fn(module, query, key, mask, scaling) on every attention call
+_value_observers: list[Callable] = []  # called as fn(module, query, key, value, mask, scaling)
 
 
 @contextmanager
@@ -46,6 +49,17 @@ def observing(fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, Any, float], 
         yield
     finally:
         _observers.remove(fn)
+
+
+@contextmanager
+def observing_values(fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, Any, float], None]
+                     ) -> Iterator[None]:
+    """As `observing`, with the values too (attention transfer fits a layer to its exact outputs)."""
+    _value_observers.append(fn)
+    try:
+        yield
+    finally:
+        _value_observers.remove(fn)
 
 
 def claim(layer: Any) -> None:
@@ -93,9 +107,14 @@ def _attention_for(inner: str) -> Callable:
             attention_mask = attention_mask[..., :key.shape[2]]
         for observer in _observers:
             observer(module, query, key, attention_mask, scale)
+        for observer in _value_observers:
+            observer(module, query, key, value, attention_mask, scale)
+        maps = maps_of(module)
 
         def dense() -> tuple[torch.Tensor, torch.Tensor | None]:
             mask, local = attention_mask, local_window(module)
+            if maps is not None and local is not None:  # a sliding-window + linear-attention hybrid (hedgehog)
+                return hybrid.parallel(query, key, value, mask, *local, maps, scale, kwargs.get("softcap")), None
             if local is not None:  # a layer made local: the model's mask narrowed to sinks + window
                 mask = banded(attention_mask, query.shape[2], key.shape[2], *local, query.device)
             else:
@@ -119,7 +138,11 @@ def _attention_for(inner: str) -> Callable:
             return dense()
         if kwargs.get("s_aux") is not None:
             raise UnsupportedModelError("optpass attention: attention sinks (s_aux) are not supported")
-        return layer.attention(query, key, value, attention_mask, scale, kwargs.get("softcap"), dense)
+        if (maps is not None) != isinstance(layer, hybrid.HybridLayer):
+            raise RuntimeError(f"optpass attention: layer {layer.layer_idx}'s cache was built for a different "
+                               "conversion (hybrid linear attention or not) than its module has; build a new cache")
+        extra = {"maps": maps} if maps is not None else {}
+        return layer.attention(query, key, value, attention_mask, scale, kwargs.get("softcap"), dense, **extra)
 
     attention.__name__ = f"optpass_attention_{inner}"
     return attention

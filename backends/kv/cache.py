@@ -8,8 +8,8 @@ sliding-window layers."""
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
-
 from typing import Any
 
 import torch
@@ -121,7 +121,7 @@ class CompressedKVCache(Cache):
         window, capacities = s.shapes(len(full), context) if full else (0, [])
         budget = dict(zip(full, capacities))
         self.layers = [CompressedLayer(budget[i], window, s.sink, s.bits, get_policy(s.policy), s.merge_threshold, i)
-                       if k.kind == FULL else RingLayer(int(k.window), s.bits, i, sink=k.sink)
+                       if k.kind == FULL else local_layer(k, s.bits, i)
                        for i, k in enumerate(self.kinds)]
         for layer in self.layers:
             layer.record = self.record
@@ -155,8 +155,18 @@ def static_cache(model_config: Any, max_cache_len: int, slack: int = 0) -> Cache
     for sliding ones (transformers' static sliding layer branches on a Python counter, which a compiled step
     that skips guards would freeze). The ring needs `enable_compressed_attention(model)`; `slack` extra ring
     slots let a speculative step roll back that many tokens."""
-    return Cache(layers=[PromptFirstLayer(max_cache_len) if k.kind == FULL else RingLayer(int(k.window), None, i, slack, k.sink)
+    return Cache(layers=[PromptFirstLayer(max_cache_len) if k.kind == FULL else local_layer(k, None, i, slack)
                          for i, k in enumerate(_kinds(model_config))])
+
+
+def local_layer(kind: LayerKind, bits: int | None, layer_idx: int, slack: int = 0) -> RingLayer:
+    """The cache of a sliding-window layer: an exact ring of its window (and sinks), or, for a layer converted to
+    the sliding-window + linear-attention hybrid, the ring plus the constant-size linear state."""
+    if kind.linear:
+        from optpass.backends.linear.hybrid import HybridLayer
+
+        return HybridLayer(int(kind.window), bits, layer_idx, slack, kind.sink)
+    return RingLayer(int(kind.window), bits, layer_idx, slack, kind.sink)
 
 
 class PromptFirstLayer(StaticLayer):
@@ -201,12 +211,14 @@ def cache_nbytes(cache: Cache) -> int:
     return total
 
 
-def rollback(cache: Cache, tokens: int) -> None:
-    """Forget the last `tokens` tokens of every layer (a rejected draft), through transformers' `crop` convention
-    for static layers (`crop(-n)`); the stale entries are overwritten by the next step and masked until then."""
+def rollback(cache: Cache, tokens: int, skipped: Collection[int] = ()) -> None:
+    """Forget the last `tokens` tokens of every layer but `skipped` (a rejected draft; a self-drafting step wrote
+    nothing in the blocks it skipped), through transformers' `crop` convention for static layers (`crop(-n)`);
+    the stale entries are overwritten by the next step and masked until then."""
     if tokens:
-        for layer in cache.layers:
-            layer.crop(-tokens)
+        for i, layer in enumerate(cache.layers):
+            if i not in skipped:
+                layer.crop(-tokens)
 
 
 def snapshot(cache: CompressedKVCache) -> list[tuple[int, dict[str, torch.Tensor]]]:

@@ -16,6 +16,7 @@ Sliding-window layers (Gemma-2/3, Mistral) need no scores: `backends/kv/ring.py`
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -73,9 +74,11 @@ class OptpassLayer(CacheLayerMixin):
 
     def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                   scaling: float, softcap: float | None,
-                  dense: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, None]:
+                  dense: Callable[[], tuple[torch.Tensor, torch.Tensor | None]], **extra: Any
+                  ) -> tuple[torch.Tensor, None]:
         """The attention call of this layer, output [B, Q, Hq, D] as transformers' attention functions return it.
-        `dense()` runs the model's own implementation on (query, key, value, mask): used for the prompt."""
+        `dense()` runs the model's own implementation on (query, key, value, mask): used for the prompt. `extra`
+        goes on to `prefill` / `decode` (a hybrid layer's feature maps)."""
         from optpass.backends.kv.attention import padding_valid
 
         if self.store is None:
@@ -86,9 +89,9 @@ class OptpassLayer(CacheLayerMixin):
             if first:
                 out, weights = dense()
                 valid = padding_valid(mask, key.shape[0], key.shape[2])
-                self.prefill(query, key, value, valid, scaling)
+                self.prefill(query, key, value, valid, scaling, **extra)
                 return out, weights
-        steps = [self.decode(query[:, :, i:i + 1], key[:, :, i:i + 1], value[:, :, i:i + 1], scaling, softcap)
+        steps = [self.decode(query[:, :, i:i + 1], key[:, :, i:i + 1], value[:, :, i:i + 1], scaling, softcap, **extra)
                  for i in range(query.shape[2])]
         out = steps[0] if len(steps) == 1 else torch.cat(steps, dim=2)
         return out.transpose(1, 2).contiguous(), None

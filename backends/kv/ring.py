@@ -112,17 +112,8 @@ class RingLayer(OptpassLayer):
         """Write the new token over the oldest ring slot (or into the next sink slot while a row has fewer than
         `sink` tokens), then attend over the sinks and the window. [B, Hq, 1, D]"""
         b, h, _, _ = key.shape
-        now = self.t.to(torch.int32)
-        slot = (self.sink + self.t % self.ring).view(1).expand(b)
-        if self.sink:
-            to_sink = self.sinks < self.sink
-            slot = torch.where(to_sink, self.sinks.clamp_max(self.sink - 1).long(), slot)
-            self.sinks.add_(to_sink.to(torch.int32))
-        self.store.write(slot.view(b, 1, 1).expand(b, h, 1), key, value)
-        self.age.scatter_(1, slot.view(b, 1), now.expand(b, 1))
-        # sinks, and the last `window` positions up to now (slots ahead of now are a rolled-back draft's)
-        recent = (self.age > now - self.window) | (torch.arange(self.capacity, device=key.device) < self.sink)
-        valid = ((self.age >= 0) & recent & (self.age <= now))[:, None, None, :]  # [B, 1, 1, C]
+        now = self._write(key, value)
+        valid = self._exact(now)[:, None, None, :]  # [B, 1, 1, C]
         keys, values = self.store.decode_keys().to(query.dtype), self.store.decode_values().to(query.dtype)
         self.t.add_(1)
         # one query per head: plain ops (SDPA's per-call overhead was ~0.1 ms per layer at one query)
@@ -133,3 +124,27 @@ class RingLayer(OptpassLayer):
             logits = torch.tanh(logits / softcap) * softcap
         probs = logits.masked_fill(~valid, float("-inf")).softmax(-1)
         return torch.einsum("bhgw,bhwd->bhgd", probs, values).reshape(b, hq, 1, d)
+
+    def _slot(self) -> torch.Tensor:
+        """[B] the ring slot the next token goes to (before any sink redirection)."""
+        return (self.sink + self.t % self.ring).view(1).expand(self.age.shape[0])
+
+    def _write(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Store one token (the next sink slot while a row has fewer than `sink` tokens, else its ring slot);
+        returns its position (int32 scalar tensor). `t` is advanced by the caller, after it attended."""
+        b, h, _, _ = key.shape
+        now = self.t.to(torch.int32)
+        slot = self._slot()
+        if self.sink:
+            to_sink = self.sinks < self.sink
+            slot = torch.where(to_sink, self.sinks.clamp_max(self.sink - 1).long(), slot)
+            self.sinks.add_(to_sink.to(torch.int32))
+        self.store.write(slot.view(b, 1, 1).expand(b, h, 1), key, value)
+        self.age.scatter_(1, slot.view(b, 1), now.expand(b, 1))
+        return now
+
+    def _exact(self, now: torch.Tensor) -> torch.Tensor:
+        """[B, C] slots attended exactly at position `now`: sinks and the last `window` positions up to now (slots
+        ahead of now are a rolled-back draft's)."""
+        recent = (self.age > now - self.window) | (torch.arange(self.capacity, device=self.age.device) < self.sink)
+        return (self.age >= 0) & recent & (self.age <= now)

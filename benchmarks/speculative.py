@@ -13,6 +13,9 @@ is what drafting can change. Before timing, every drafting arm's tokens are
 compared with the no-drafter arm's on 20 prompts of each set (lossless: identical is the claim).
 
     python benchmarks/speculative.py [--rounds 5] [--prompts 4] [--check 20] [--batch 1 4]   (--rounds 0: check only)
+        [--self-draft]  (adds self-speculative drafting: the pass's search on the same weights, then its setting
+                         timed gated and ungated; the ungated arm gives the acceptance drafting really meets)
+        [--only NAME ...]  (time only the arms whose names contain one of these)
 """
 
 from __future__ import annotations
@@ -79,14 +82,32 @@ def int8_model() -> tuple[Any, Any]:
     return model, tok
 
 
-def runtime_call(model: Any, kind: str | None) -> Any:
-    """generate() through the runtime with proposer `kind` (None: no drafting), same engine, same compiled steps."""
+def self_draft_search() -> dict[str, Any]:
+    """The `speculative` pass's self-drafting search on the same int8 weights (a separate copy): its chosen skip
+    set and draft length, acceptance per share skipped, and whether the pass applies it."""
+    import optpass
+    from optpass.models import load_smollm2
+    from optpass.passes.quantize import QuantizeConfig
+    from optpass.passes.speculative import SpeculativeConfig
+
+    model, _ = load_smollm2()
+    model = optpass.optimize(model, passes=[QuantizeConfig(weights="int8", lm_head="int8"),
+                                            SpeculativeConfig(proposer="self_draft", draft=DRAFT)])
+    record = next(r for r in model.optpass_report.passes if r.name == "speculative")
+    found = {**record.details["self_draft"], "status": record.status, "reason": record.reason}
+    print("self-draft search:", {k: v for k, v in found.items() if k != "settings"}, flush=True)
+    return found
+
+
+def runtime_call(model: Any, kind: str | None, **proposer: Any) -> Any:
+    """generate() through the runtime with proposer `kind` (None: no drafting) and `proposer` entries replaced,
+    same engine, same compiled steps."""
     runtime = model.optpass_runtime
     base = runtime.plan.proposer
 
     def call(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         engine = runtime.engine
-        engine.plan = dataclasses.replace(runtime.plan, proposer={**base, "kind": kind or base["kind"]})
+        engine.plan = dataclasses.replace(runtime.plan, proposer={**base, "kind": kind or base["kind"], **proposer})
         return engine.generate(ids, NEW, mask, speculate=kind is not None)
 
     return call
@@ -128,23 +149,21 @@ def arm(name: str, call: Any, inputs: list[tuple[torch.Tensor, torch.Tensor | No
     return Variant(name, lambda: None, measure, note=note)
 
 
-def lossless_check(tok: Any, model: Any, count: int) -> dict[str, str]:
+def lossless_check(tok: Any, model: Any, count: int, drafters: dict[str, Any]) -> dict[str, str]:
     """Per prompt set and drafter: how many of `count` prompts decode to exactly the no-drafter tokens."""
     plain = runtime_call(model, None)
     out = {}
     for kind in ("grounded", "open"):
         rows = prompts(tok, kind, count)
         ref = [plain(r, None) for r in rows]
-        for proposer in ("prompt_lookup", "token_recycling"):
-            call = runtime_call(model, proposer)
+        for name, call in drafters.items():
             same = sum(torch.equal(call(r, None), want) for r, want in zip(rows, ref))
-            out[f"{kind}/{proposer}"] = f"{same}/{count} identical"
+            out[f"{kind}/{name}"] = f"{same}/{count} identical"
         ids, mask = batched(tok, rows[:4])
         batch_ref = plain(ids, mask)
-        for proposer in ("prompt_lookup", "token_recycling"):
-            same = torch.equal(runtime_call(model, proposer)(ids, mask), batch_ref)
-            out[f"{kind}/{proposer}/batch4"] = "identical" if same else "DIFFERENT"
-    print("lossless check:", out)
+        for name, call in drafters.items():
+            out[f"{kind}/{name}/batch4"] = "identical" if torch.equal(call(ids, mask), batch_ref) else "DIFFERENT"
+    print("lossless check:", out, flush=True)
     return out
 
 
@@ -154,11 +173,22 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4, help="timed prompts per set")
     ap.add_argument("--check", type=int, default=20, help="prompts per set in the lossless check")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--self-draft", action="store_true", help="add self-speculative drafting arms (the pass's "
+                    "searched skip set, gated and ungated) and the search's figures")
+    ap.add_argument("--only", nargs="*", default=None, help="time only arms whose name contains one of these")
     args = ap.parse_args()
+    search = self_draft_search() if args.self_draft else None
     model, tok = int8_model()
     tok.padding_side = "left"
     engine = model.optpass_runtime.engine
-    check = lossless_check(tok, model, args.check) if args.check else {}
+    drafters = {"prompt_lookup": runtime_call(model, "prompt_lookup"),
+                "token_recycling": runtime_call(model, "token_recycling")}
+    if search is not None:
+        chosen = search["chosen"]
+        setting = {"layers": chosen["layers"], "draft": chosen["draft"], "verify_cost": chosen["cost"]}
+        drafters["self_draft"] = runtime_call(model, "self_draft", **setting)
+        drafters["self_draft_ungated"] = runtime_call(model, "self_draft", gated=False, **setting)
+    check = lossless_check(tok, model, args.check, drafters) if args.check else {}
     if args.rounds == 0:  # the lossless check only
         return
     variants = []
@@ -178,6 +208,12 @@ def main() -> None:
                 arm(f"{tag}/transformers-int8", transformers_call(model), inputs, "transformers' loop, same weights",
                     first=prefill),
             ]
+            if search is not None:
+                skipped = f"skip {search['chosen']['skipped']} blocks, draft {search['chosen']['draft']}"
+                variants += [arm(f"{tag}/optpass-int8+self-draft", drafters["self_draft"], inputs,
+                                 f"{skipped}, gated (the pass: {search['status']})", engine),
+                             arm(f"{tag}/optpass-int8+self-draft-ungated", drafters["self_draft_ungated"], inputs,
+                                 f"{skipped}, drafts at every step", engine)]
             if batch == 1:  # transformers' candidate generators take batch 1 only
                 variants += [
                     arm(f"{tag}/transformers-int8+prompt-lookup-10", transformers_call(model, prompt_lookup_num_tokens=10),
@@ -188,9 +224,14 @@ def main() -> None:
                     arm(f"{tag}/transformers-int8+early-exit-8", transformers_call(model, assistant_early_exit=8), inputs,
                         "assistant_early_exit=8 (first 8 of 30 layers draft)", first=prefill),
                 ]
-    # a run of a subset of batch sizes gets its own file, so it never overwrites the full table
+    if args.only:
+        variants = [v for v in variants if any(part in v.name for part in args.only)]
+    # a run of a subset of batch sizes or arms gets its own file, so it never overwrites the full table
     scenario = "speculative_smollm2" + ("" if sorted(args.batch) == [1, 4] else "_b" + "_".join(map(str, args.batch)))
-    result = run_scenario(scenario, variants, rounds=args.rounds, extra={"lossless_check": check})
+    scenario += "_self_draft" if args.self_draft else ""
+    scenario += "_only" if args.only else ""
+    extra = {"lossless_check": check, "self_draft_search": search}
+    result = run_scenario(scenario, variants, rounds=args.rounds, extra=extra)
     for metric in ("tok_s", "decode_tok_s"):
         rates = {row["variant"]: row[metric]["median"] for row in result["rows"] if metric in row}
         for tag in sorted({name.rsplit("/", 1)[0] for name in rates}):

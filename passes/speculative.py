@@ -12,6 +12,9 @@ stops drafting on text that does not repeat its input.
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,17 +25,22 @@ from optpass.backends.runtime.proposers import PROPOSERS
 from optpass.cost_models.hardware import HardwareSpec
 from optpass.cost_models.model_cost import predict_forward
 from optpass.errors import ConfigError
+from optpass.passes.layer_skip import block_influence, decoder_layers, token_batches
 from optpass.pass_base import ApplyContext, Candidate, Pass, PassConfig, PassResult
 from optpass.registry import register_pass
 from optpass.sites import ModelGraph
 
 CHECK_TOKENS = 24  # greedy tokens compared with and without the drafter on a calibration prompt
+SEARCH_PROMPT, SEARCH_NEW = 128, 48  # self_draft's search: acceptance over the model's own continuations
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig(PassConfig):
-    proposer: str = "prompt_lookup"  # backends/runtime/proposers.py: prompt_lookup | token_recycling
-    draft: int = 5  # tokens proposed per verify step (the verify step is compiled for draft + 1)
+    proposer: str = "prompt_lookup"  # backends/runtime/proposers.py: prompt_lookup | token_recycling | self_draft
+    # tokens proposed per verify step (the verify step is compiled for draft + 1); self_draft: the longest tried
+    draft: int = 5
+    # self_draft: shares of the decoder blocks its search tries skipping while drafting (least influential first)
+    skip_shares: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5)
     # tokens emitted per verify step the cost model assumes when predicting the gain (accepted drafts + 1);
     # the runtime replaces it by what it measures on each call
     expected_tokens: float = 2.0
@@ -46,12 +54,32 @@ class SpeculativeConfig(PassConfig):
             raise ConfigError(f"SpeculativeConfig.draft={self.draft}: propose 1 to 15 tokens per step")
         if self.expected_tokens < 1:
             raise ConfigError(f"SpeculativeConfig.expected_tokens={self.expected_tokens}: at least 1 (the model's own)")
+        if not self.skip_shares or any(not 0 < s < 1 for s in self.skip_shares):
+            raise ConfigError(f"SpeculativeConfig.skip_shares={self.skip_shares}: shares of the blocks in (0, 1)")
 
 
 def verify_cost(graph: ModelGraph, target: HardwareSpec, draft: int, context: int) -> float:
     """A (draft + 1)-token forward's time in one-token forwards, at batch 1 (cost model)."""
     one = predict_forward(graph, target, 1, 1, context)
     return predict_forward(graph, target, 1, draft + 1, context) / one
+
+
+def draft_step_cost(graph: ModelGraph, target: HardwareSpec, skipped: Collection[int], context: int) -> float:
+    """A one-token step with blocks `skipped` bypassed, in one-token steps of the full model (cost model: the
+    captured graph without those blocks' linears and attention; their glue ops stay counted, a slight
+    over-estimate of the drafting step)."""
+    kept = dataclasses.replace(graph, linears=[s for s in graph.linears if s.block not in skipped],
+                               attentions=[a for a in graph.attentions if a.block not in skipped])
+    return predict_forward(kept, target, 1, 1, context) / predict_forward(graph, target, 1, 1, context)
+
+
+def iteration_cost(graph: ModelGraph, target: HardwareSpec, cfg: SpeculativeConfig, draft: int,
+                   skipped: Collection[int] = ()) -> float:
+    """One drafting iteration in one-token steps: the verify, plus `draft` drafting steps for self_draft."""
+    ratio = verify_cost(graph, target, draft, cfg.context)
+    if cfg.proposer == "self_draft":
+        ratio += draft * draft_step_cost(graph, target, skipped, cfg.context)
+    return ratio
 
 
 @register_pass
@@ -69,7 +97,8 @@ class SpeculativePass(Pass):
         label = f"{cfg.proposer} draft {cfg.draft}"
         if graph.model_kind != "causal_lm":
             return [Candidate.skip(self.name, (), "speculative decoding needs a causal LM", label)]
-        ratio = verify_cost(graph, target, cfg.draft, cfg.context)
+        planned = range(round(max(cfg.skip_shares) * len(graph.blocks)))  # before the search: the largest share
+        ratio = iteration_cost(graph, target, cfg, cfg.draft, planned)
         step = predict_forward(graph, target, 1, 1, cfg.context)
         # per generated token: one step without drafting, ratio / expected tokens with it
         est = model_estimate(graph, target, d_latency=graph.example_tokens * step * (ratio / cfg.expected_tokens - 1))
@@ -78,12 +107,25 @@ class SpeculativePass(Pass):
     def apply(self, model: nn.Module, chosen: list[Candidate], context: ApplyContext) -> PassResult:
         from optpass.backends.runtime import DecodeEngine, DecodePlan
 
-        cfg = self.config
-        ratio = float(chosen[0].params["verify_cost"])
         from optpass.backends.cpu import gemv_ops
 
+        cfg = self.config
+        ratio, draft, options, search = float(chosen[0].params["verify_cost"]), cfg.draft, {}, {}
+        if cfg.proposer == "self_draft":
+            if context.graph is None or decoder_layers(model) is None:
+                return PassResult(self.name, model, False, reason="self-drafting needs the captured graph and a "
+                                  "`model.layers` list of decoder blocks to skip")
+            found = search_self_draft(model, context.calibration, context.graph, context.target, cfg)
+            best, search = found["best"], found["details"]
+            if best.speedup <= 1.0:
+                return PassResult(self.name, model, False, details=search, reason=(
+                    f"self-drafting does not pay here: the best setting (skip {best.skipped} blocks, draft "
+                    f"{best.draft}) is accepted {best.alpha:.0%} per token, {best.tokens:.2f} tokens per verify, at a "
+                    f"predicted {best.cost:.2f} one-token steps per iteration ({best.speedup:.2f}x)"))
+            ratio, draft, options = best.cost, best.draft, {"layers": found["layers"]}
         # rows one verify step may take (batch x (draft + 1)): the weight-streaming decode kernels' row budget
-        proposer = {"kind": cfg.proposer, "draft": cfg.draft, "verify_cost": ratio, "max_rows": gemv_ops.MAX_ROWS}
+        proposer = {"kind": cfg.proposer, "draft": draft, "verify_cost": ratio, "max_rows": gemv_ops.MAX_ROWS,
+                    **options}
         plan = DecodePlan(compiled_step=True, max_cache_len=cfg.max_cache_len, proposer=proposer)
         prompt = _check_prompt(model, context.calibration)
         engine = DecodeEngine(model, plan, compile=False)
@@ -95,16 +137,47 @@ class SpeculativePass(Pass):
             return PassResult(self.name, model, False, reason=f"decoding with {cfg.proposer} diverged from plain "
                               f"decoding at generated token {first}: not lossless here, rolled back")
         details = {"proposer": proposer, "lossless_check": f"{CHECK_TOKENS} greedy tokens identical",
-                   "check_verify_steps": stats["verify_steps"], "check_accepted_drafts": stats["accepted_drafts"]}
+                   "check_verify_steps": stats["verify_steps"], "check_accepted_drafts": stats["accepted_drafts"],
+                   **search}
         # grounded prompts are long: the static cache's cap is this pass's (it also compiles the step)
         runtime = {"compiled_step": True, "max_cache_len": cfg.max_cache_len, "proposer": proposer}
         return PassResult(self.name, model, True, (), details=details, runtime=runtime)
 
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> nn.Module:
+        """Nothing to rebuild: the proposer (for self_draft, its skipped blocks) is in the checkpoint's decode
+        plan, and the runtime installs a drafter's block switches on first use."""
+        return model
+
+
+def search_self_draft(model: nn.Module, calibration: list[Any], graph: ModelGraph, target: HardwareSpec,
+                      cfg: SpeculativeConfig) -> dict[str, Any]:
+    """The skip set and draft length with the highest predicted speedup: blocks ranked by ShortGPT influence on
+    the calibration batches, the teacher-forced acceptance measured per share skipped on the model's own greedy
+    continuations of calibration prompts, weighed against the cost model's drafting and verify costs. {"best": DraftSetting, "layers": skipped blocks, "details": for the report}."""
+    from optpass.backends.runtime.self_draft import acceptance, best_setting, own_continuations
+
+    started = time.perf_counter()
+    batches = token_batches(calibration)
+    if not batches:
+        raise ConfigError("self_draft needs token calibration batches to measure its acceptance")
+    blocks = len(decoder_layers(model))
+    influence = block_influence(model, batches)
+    order = sorted(range(blocks), key=lambda i: influence[i])
+    counts = sorted({max(1, min(blocks - 1, round(share * blocks))) for share in cfg.skip_shares})
+    prompt = min(SEARCH_PROMPT, batches[0]["input_ids"].shape[1])
+    alphas = acceptance(model, own_continuations(model, batches, prompt, SEARCH_NEW), order, counts, first=prompt - 1)
+    best, table = best_setting(alphas, range(1, cfg.draft + 1),
+                               lambda n: draft_step_cost(graph, target, set(order[:n]), cfg.context),
+                               lambda k: verify_cost(graph, target, k, cfg.context))
+    layers = sorted(order[:best.skipped])
+    details = {"self_draft": {"skip_order": order, "acceptance": {str(n): round(a, 4) for n, a in alphas.items()},
+                              "chosen": {**best.to_dict(), "layers": layers},
+                              "settings": [s.to_dict() for s in table], "search_s": round(time.perf_counter() - started, 1)}}
+    return {"best": best, "layers": layers, "details": details}
+
 
 def _check_prompt(model: nn.Module, calibration: list[Any]) -> torch.Tensor:
     """A calibration prompt whose second half repeats its first (so drafts are proposed and verified)."""
-    from optpass.passes.layer_skip import token_batches
-
     batches = token_batches(calibration)
     if batches:
         half = batches[0]["input_ids"][:1, :48]

@@ -337,13 +337,13 @@ def test_engine_starts_a_batch_size_whose_verify_measured_too_costly_with_drafti
     engine.generate(batch, 12)  # makes the steps (their first calls are not timed)
     engine.generate(batch, 12)
     first = engine.last_timing["verify_steps"]
-    assert first > 0 and 4 in engine.verify_cost_seen
-    engine.verify_cost_seen[4] = 2.3  # as a slow verify would have measured
+    assert first > 0 and (4, "prompt_lookup") in engine.verify_cost_seen
+    engine.verify_cost_seen[4, "prompt_lookup"] = 2.3  # as a slow verify would have measured
     again = engine.generate(batch, 12)
     # the first 7 steps are plain; from the probe on, the gate follows what it measures in this call
     assert engine.last_timing["verify_steps"] < first
     assert torch.equal(again, engine.generate(batch, 12, speculate=False))
-    assert engine.gate_waited[4] == 10  # the steps this call waited (not the last: nothing left to draft)
+    assert engine.gate_waited[4, "prompt_lookup"] == 10  # the steps this call waited (not the last: nothing left to draft)
     engine.generate(batch[:1], 12)
     assert engine.last_timing["verify_steps"] > 0 and engine.no_draft_reason == ""
 

@@ -16,6 +16,10 @@ rejection (`Cache.crop`); `gate.DraftGate` turns drafting off where it does not 
 tokens arrive and cannot be cropped: its state is copied before a verify step and, on a rejection, put back and
 the accepted tokens re-run (a rejected verify then costs about two steps; the gate sees that time).
 
+A self-drafting proposer (`self_draft.py`) drafts with the model itself: the engine binds it a drafting step (the
+compiled one-token step traced with the drafter's blocks forced off), and before the verify step crops what
+those steps wrote in the blocks that ran (or restores a compressed cache's saved state).
+
 With a layer-skip schedule in the plan (`backends/skip_schedule.py`) each step forces off the blocks every row
 is past the threshold of, and a compiled graph is kept per such stage (at most one per scheduled block + 1).
 
@@ -44,6 +48,10 @@ from optpass.hf_compat import last_logits_only, with_cache
 
 MIN_BUCKET = 256
 KV_CONTEXT_BUCKET = 256  # compressed caches: budgets follow the prompt length rounded up to this
+# a plan's proposer entries the engine reads (the others are the proposer's own options); "gated": False drafts at
+# every step whatever it measures (benchmarks use it to measure a drafter's acceptance)
+ENGINE_KEYS = ("kind", "draft", "verify_cost", "max_rows", "gated")
+DRAFT_STAGE = "draft"  # the compiled one-token step a self-drafting proposer runs with its blocks forced off
 
 
 def cache_bucket(needed: int, max_cache_len: int) -> int:
@@ -67,19 +75,24 @@ class DecodeEngine:
     def __init__(self, model: nn.Module, plan: DecodePlan, compile: bool = True) -> None:
         self.model, self.plan, self._compile = model, plan, compile and plan.compiled_step
         self.kv_settings = plan.kv_settings()
-        self.draft = int(plan.proposer["draft"]) if plan.proposer else 0
         self.skip = {int(k): int(v) for k, v in (plan.skip or {}).items()}
         self._buckets: dict[tuple, tuple[Any, dict[int, Callable], int | None]] = {}
         self._weights: tuple | None = None
         self.cache: Any = None
         self.last_timing: dict[str, float] = {}
-        # per batch size: a verify step's time in one-token steps, as the last call that drafted measured it.
+        # per (batch size, proposer kind): a drafting iteration's time in one-token steps, as the last call that
+        # drafted measured it.
         # The plan's ratio is a batch-1 estimate; at larger batches a verify has fewer drafts (row budget) and
         # costs relatively more. A call starts its gate from this; where it says even full acceptance cannot
         # pay, the gate starts off and only probes (a stale or compile-inflated figure costs a probe, no more)
-        self.verify_cost_seen: dict[int, float] = {}
+        self.verify_cost_seen: dict[tuple[int, str], float] = {}
         self.step_was_new = False  # set when a step graph is made: its first call compiles and is not timed
-        self.gate_waited: dict[int, int] = {}  # per batch size: plain steps a gate that ended off has waited
+        self.gate_waited: dict[tuple[int, str], int] = {}  # per (batch, kind): plain steps a gate ended off waited
+
+    @property
+    def draft(self) -> int:
+        """Tokens the plan's proposer drafts per verify (0: no proposer)."""
+        return int(self.plan.proposer["draft"]) if self.plan.proposer else 0
 
     def fits(self, prompt: int, new: int) -> bool:
         return self.kv_settings is not None or prompt + new <= self.plan.max_cache_len
@@ -94,7 +107,7 @@ class DecodeEngine:
             return None, "no room in the static cache for a draft"
         if self.draft_length(batch) < 1:
             return None, f"batch {batch} leaves no room for a draft in the decode kernels' {self._rows()} rows"
-        options = {k: v for k, v in self.plan.proposer.items() if k not in ("kind", "draft", "verify_cost", "max_rows")}
+        options = {k: v for k, v in self.plan.proposer.items() if k not in ENGINE_KEYS}
         return make_proposer(self.plan.proposer["kind"], self.model.config.vocab_size, **options), ""
 
     def _rows(self) -> int:
@@ -195,9 +208,11 @@ class DecodeEngine:
         step_for, mask_length = self._select(batch, prompt, prompt + new, k)
         gate = None
         if proposer is not None:  # starts from what this batch size measured before, else the plan's estimate
-            seen = self.verify_cost_seen.get(batch)
+            gate_key = (batch, self.plan.proposer["kind"])
+            seen = self.verify_cost_seen.get(gate_key)
             ratio = seen if seen is not None else float(self.plan.proposer.get("verify_cost", 1.5))
-            gate = DraftGate(ratio, start_off=ratio >= k + 1, waited=self.gate_waited.get(batch, 0))
+            gate = DraftGate(ratio, start_off=ratio >= k + 1, waited=self.gate_waited.get(gate_key, 0),
+                             always=not self.plan.proposer.get("gated", True))
         self.cache.reset()
         if self.skip:  # the prefill decides per token (eager); steps force off what the whole batch skips
             self._skip_stage(None)
@@ -221,6 +236,21 @@ class DecodeEngine:
         unfinished = torch.ones(batch, dtype=torch.bool)
         pending = choice.next(ids, logits, logits.argmax(-1))[:, None]  # tokens to emit
         verifies = accepted = 0
+        self_drafting = getattr(proposer, "runs_model", False)
+        if self_drafting:
+            from optpass.backends.runtime.self_draft import skipping
+            from optpass.passes.layer_skip import decoder_layers
+
+            blocks = decoder_layers(self.model)
+
+            def draft_step(token: torch.Tensor, offset: int) -> torch.Tensor:
+                """One drafting step at the offset-th position past the cache, the drafter's blocks off."""
+                if step_mask is not None:
+                    step_mask[:, cached + offset] = 1
+                with skipping(blocks, proposer.layers), decode_steps():
+                    _, drafted = step_for(1, DRAFT_STAGE)(token.contiguous(), valid + offset, step_mask)
+                return drafted[:, -1]
+            proposer.bind(draft_step)
 
         def done() -> bool:
             return out.shape[1] - prompt == new or not bool(unfinished.any())
@@ -241,14 +271,23 @@ class DecodeEngine:
             remaining = new - (out.shape[1] - prompt)
             t0 = time.perf_counter()  # the gate weighs whole iterations: proposing, verifying, rolling back
             self.step_was_new = False
-            draft = proposer.propose(out, k) if gate is not None and remaining > 1 and gate.want() else None
+            wants = gate is not None and remaining > 1 and gate.want()
+            # a compressed cache cannot crop what drafting steps evicted: its state is saved before they run
+            saved = snapshot(self.cache) if wants and self_drafting and self.kv_settings is not None else None
+            draft = proposer.propose(out, k) if wants else None
+            if draft is not None and self_drafting:  # the verify step rewrites those positions from the full model
+                if saved is not None:
+                    restore(self.cache, saved)
+                else:
+                    rollback(self.cache, proposer.steps_run, skipped=proposer.layers)
             width = 1 if draft is None else k + 1
             # contiguous: the compiled step assumes its inputs' strides (guards are skipped)
             inputs = out[:, -1:].contiguous() if draft is None else torch.cat([out[:, -1:], draft], dim=1)
             if step_mask is not None:
                 step_mask[:, cached:cached + width] = 1
             stage = self._skip_stage(int(valid.min())) if self.skip else 0
-            saved = snapshot(self.cache) if draft is not None and self.kv_settings is not None else None
+            if saved is None and draft is not None and self.kv_settings is not None:
+                saved = snapshot(self.cache)
             with decode_steps():
                 logits, argmax = step_for(width, stage)(inputs, valid + torch.arange(width), step_mask)
             if draft is None:
@@ -276,9 +315,9 @@ class DecodeEngine:
         if self.skip:
             self._skip_stage(None)
         if gate is not None and gate.measured():
-            self.verify_cost_seen[batch] = gate.cost()
+            self.verify_cost_seen[gate_key] = gate.cost()
         if gate is not None:
-            self.gate_waited[batch] = gate.since_probe
+            self.gate_waited[gate_key] = gate.since_probe
         self.last_timing = {"prefill_s": prefilled - started, "decode_s": time.perf_counter() - prefilled,
                             "decode_steps": out.shape[1] - prompt - 1, "verify_steps": verifies,
                             "accepted_drafts": accepted}

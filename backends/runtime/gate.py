@@ -17,8 +17,9 @@ from __future__ import annotations
 
 class DraftGate:
     def __init__(self, ratio: float, probe: int = 8, decay: float = 0.8, max_probe: int = 128,
-                 start_off: bool = False, waited: int = 0) -> None:
+                 start_off: bool = False, waited: int = 0, always: bool = False) -> None:
         self.ratio, self.probe, self.decay, self.max_probe = ratio, probe, decay, max_probe
+        self.always = always  # draft at every step whatever it measures (to measure a drafter's acceptance)
         self.interval = max_probe if start_off else probe  # steps until the next probe
         self.plain_s: float | None = None
         self.verify_s: float | None = None
@@ -32,7 +33,7 @@ class DraftGate:
         return new if old is None else self.decay * old + (1 - self.decay) * new
 
     def want(self) -> bool:
-        if self.verifies < self.first_tries or self.tokens >= self.cost():
+        if self.always or self.verifies < self.first_tries or self.tokens >= self.cost():
             self.interval = self.probe  # paying: probes return to their base rate once it stops
             return True
         self.since_probe += 1

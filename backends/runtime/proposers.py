@@ -10,10 +10,12 @@ and the runtime takes a plain one-token step (no verify cost where there is no g
 - `TokenRecycling`: a table of the model's own top candidates after each token, filled from the decode
   steps' logits (a token's successors seen before are likely again); the draft follows the table's first
   choice from the last token. ~V x `width` int32 entries.
+- `self_draft` (`self_draft.py`): the model itself with some blocks skipped; the engine runs its drafting steps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,8 +100,15 @@ class TokenRecycling:
         self.table[tokens.reshape(-1)] = top.reshape(-1, self.width)
 
 
+def _self_draft(vocab: int, layers: Sequence[int] = ()) -> Proposer:
+    from optpass.backends.runtime.self_draft import SelfDraft
+
+    return SelfDraft(tuple(int(i) for i in layers))
+
+
 # kind -> factory(vocab, **options)
-PROPOSERS = {"prompt_lookup": lambda vocab, **options: PromptLookup(**options), "token_recycling": TokenRecycling}
+PROPOSERS = {"prompt_lookup": lambda vocab, **options: PromptLookup(**options), "token_recycling": TokenRecycling,
+             "self_draft": _self_draft}
 
 
 def make_proposer(kind: str, vocab: int, **options: int) -> Proposer:

@@ -50,6 +50,7 @@ def test_no_drafted_entry_survives_in_the_cache():
     out = drafting.generate(ids, 30)
     assert torch.equal(out, plain.generate(ids, 30)) and drafting.last_timing["verify_steps"] > 0
     filled = out.shape[1] - 1  # every emitted token but the last went through a step
+    assert not any("forward" in b.__dict__ for b in decoder_layers(model))  # the switches were taken out
     for mine, theirs in zip(drafting.cache.layers, plain.cache.layers):
         assert int(mine.cumulative_length) == int(theirs.cumulative_length) == filled
         torch.testing.assert_close(mine.keys[:, :, :filled], theirs.keys[:, :, :filled], rtol=0, atol=1e-10)
@@ -119,6 +120,7 @@ def test_acceptance_is_the_agreement_of_the_model_without_those_blocks():
         assert got[count] == pytest.approx(float(((skipped == full) & mask.bool()).sum() / mask.sum()))
         assert later[count] == pytest.approx(float(((skipped == full) & scored).sum() / scored.sum()))
     assert torch.equal(model(**batches[0]).logits.argmax(-1), full)  # the blocks run again afterwards
+    assert not any("forward" in b.__dict__ or "forced_skip" in b.__dict__ for b in decoder_layers(model))
 
 
 def test_own_continuations_are_the_models_greedy_tokens():

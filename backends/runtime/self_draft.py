@@ -37,19 +37,14 @@ def _forcible_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, 
     return type(self).forward(self, hidden_states, *args, **kwargs)
 
 
-def install_draft_blocks(layers: nn.ModuleList, indices: Sequence[int]) -> None:
-    """Let `layers[i]` be forced off; idempotent. A block with a layer-skip schedule already honours the flag."""
-    for i in indices:
-        block = layers[i]
-        if FORCED not in block.__dict__:
-            block.forced_skip = False
-            block.forward = types.MethodType(_forcible_forward, block)
-
-
 @contextlib.contextmanager
 def skipping(layers: nn.ModuleList, indices: Sequence[int]) -> Iterator[None]:
-    """`layers[indices]` forced off inside the block (installed first if needed)."""
-    install_draft_blocks(layers, indices)
+    """`layers[indices]` forced off inside the block. The switch is an instance-level `forward` (as the layer-skip
+    schedule's), put in for the block and taken out after it, so the model is left as it was: a compiled step
+    traced inside keeps the blocks off, one traced outside runs them."""
+    added = [i for i in indices if FORCED not in layers[i].__dict__]  # a scheduled block already has the switch
+    for i in added:
+        layers[i].forward = types.MethodType(_forcible_forward, layers[i])
     for i in indices:
         layers[i].forced_skip = True
     try:
@@ -57,6 +52,8 @@ def skipping(layers: nn.ModuleList, indices: Sequence[int]) -> Iterator[None]:
     finally:
         for i in indices:
             layers[i].forced_skip = False
+        for i in added:
+            del layers[i].__dict__["forward"], layers[i].__dict__[FORCED]
 
 
 @dataclass

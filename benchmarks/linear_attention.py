@@ -10,6 +10,18 @@ process:
   cache with sink + window rings for the converted layers (interleaved rounds, rotating order, median).
 
     python benchmarks/linear_attention.py [--context 8192] [--budget ppl:2%] [--window 1024] [--rounds 5]
+
+`--method hedgehog` measures the learned variant instead (no timing), into results/linear_attention_hedgehog.*:
+
+- per layer: attention transfer's relative output error with the identity-initialised maps and after fitting,
+  the fitting seconds, and perplexity change / KL of a corpus window's last tokens with only that layer converted
+  (identity maps, fitted maps);
+- decode KV bytes at the context: a full layer's cache vs a hybrid layer's (sinks + window ring + linear state,
+  the allocated tensors of the runtime's cache), and the whole model's for the plan;
+- the pass under the budget at the context: the layers it converted (or its reason when none qualifies), the
+  options it tried, its time.
+
+    python benchmarks/linear_attention.py --method hedgehog [--context 8192] [--budget ppl:2%] [--window 1024]
 """
 
 from __future__ import annotations
@@ -119,6 +131,121 @@ def decode(model: Any, ids: torch.Tensor, arms: dict[str, dict], rounds: int, st
     return out
 
 
+def hedgehog_per_layer(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Fit every full layer (as the pass does) and score each converted alone, identity vs fitted maps."""
+    from optpass.backends.kv import enable_compressed_attention
+    from optpass.backends.linear.feature_map import HedgehogMaps
+    from optpass.backends.linear.fit import fit_layer, record_attention
+    from optpass.hf_compat import full_attention_layers
+    from optpass.long_context import EVAL_TAIL, corpus_ids, reference_logits, tail_quality
+    from optpass.passes.linear_attention import set_hybrid
+
+    enable_compressed_attention(model)
+    full = full_attention_layers(model.config)
+    records = record_attention(model, corpus_ids(model, args.calibration_len, 1, 0), set(full))
+    windows = corpus_ids(model, args.per_layer_len, 1, 2)
+    reference = reference_logits(model, windows, EVAL_TAIL)
+    span = (args.sink, args.window)
+    out = {}
+    for i in full:
+        rec = records.pop(i)
+        fitted = fit_layer(rec, args.sink, args.window, args.fit_steps, seed=i)
+        row: dict[str, Any] = {"error_before": fitted.error_before, "error_after": fitted.error_after,
+                               "fit_s": fitted.seconds}
+        for arm, maps in (("identity", HedgehogMaps(rec.query.shape[1], rec.key.shape[1], rec.query.shape[3])),
+                          ("fitted", fitted.maps)):
+            set_hybrid(model, {i: span}, {i: maps})
+            row[arm] = tail_quality(model, windows, reference)
+        set_hybrid(model, {}, {})
+        out[str(i)] = row
+        print(f"[bench] layer {i}: error {row['error_before']:.4f} -> {row['error_after']:.4f} "
+              f"({row['fit_s']:.1f} s); ppl {row['identity']['ppl_increase']:+.2%} -> "
+              f"{row['fitted']['ppl_increase']:+.2%}", file=sys.stderr, flush=True)
+    return out
+
+
+def hedgehog_kv_bytes(model: Any, context: int, sink: int, window: int) -> dict[str, int]:
+    """Decode cache bytes at `context` of one full layer (the runtime's static layer) and of one hybrid layer
+    (its allocated ring, bookkeeping and linear state), for one sequence."""
+    from optpass.backends.kv.cache import PromptFirstLayer
+    from optpass.backends.linear.hybrid import HybridLayer
+    from optpass.hf_compat import text_config
+
+    cfg = text_config(model.config)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    probe = torch.zeros(1, heads, 1, dim, dtype=next(model.parameters()).dtype)
+    full, hybrid = PromptFirstLayer(context), HybridLayer(window, sink=sink)
+    full.lazy_initialization(probe, probe)
+    hybrid.lazy_initialization(probe, probe)
+    full_bytes = sum(t.numel() * t.element_size() for t in (full.keys, full.values))
+    return {"context": context, "full_layer": full_bytes, "hybrid_layer": hybrid.nbytes(),
+            "hybrid_state": sum(t.numel() * t.element_size() for t in (hybrid.state, hybrid.norm)),
+            "saved_per_layer": full_bytes - hybrid.nbytes()}
+
+
+def hedgehog_markdown(result: dict[str, Any]) -> str:
+    from optpass.long_context import EVAL_TAIL
+
+    kv, plan = result["kv_bytes"], result["pass"]
+    lines = ["# linear_attention, method=hedgehog, SmolLM2-135M (fp32)", "",
+             f"`{result['command']}` ({result['date']}; {result['machine'].get('cpu', '')})", "",
+             f"sinks {result['sink']} + window {result['window']} exact, every earlier token linear; maps fitted on "
+             f"{result['calibration_len']} calibration tokens, {result['fit_steps']} Adam steps per layer "
+             f"(total {result['fit_s_total']:.0f} s). Per-layer quality: relative output error of the layer "
+             f"(hybrid vs exact softmax, 256 query rows), and ppl change / KL of the last {EVAL_TAIL} tokens of a "
+             f"{result['per_layer_len']}-token corpus window with only that layer converted.", "",
+             "| layer | error identity | error fitted | fit s | ppl identity | ppl fitted | KL identity | KL fitted |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, r in result["per_layer"].items():
+        lines.append(f"| {i} | {r['error_before']:.4f} | {r['error_after']:.4f} | {r['fit_s']:.1f} | "
+                     f"{r['identity']['ppl_increase']:+.2%} | {r['fitted']['ppl_increase']:+.2%} | "
+                     f"{r['identity']['kl']:.4f} | {r['fitted']['kl']:.4f} |")
+    lines += ["", f"Decode KV cache at {kv['context']} tokens, one sequence: full layer {kv['full_layer'] / 2**20:.2f} "
+              f"MiB, hybrid layer {kv['hybrid_layer'] / 2**20:.2f} MiB (of which linear state "
+              f"{kv['hybrid_state'] / 2**20:.2f} MiB): {kv['saved_per_layer'] / 2**20:.2f} MiB saved per converted "
+              "layer.", "", f"## The pass under `{result['budget']}` at {kv['context']} tokens "
+              f"({result['optimize_s']:.0f} s)", "", f"status: **{plan['status']}**: {plan['reason']}", ""]
+    for t in plan["details"].get("tried", []):
+        lines.append(f"- {t['label']}: {t['why']}")
+    if "kv_cache_bytes" in plan["details"]:
+        k = plan["details"]["kv_cache_bytes"]
+        lines += ["", f"whole model KV at {k['context']}: {k['full'] / 2**20:.1f} -> {k['hybrid'] / 2**20:.1f} MiB "
+                  f"(saving {k['saving']:.1%})"]
+    return "\n".join(lines) + "\n"
+
+
+def hedgehog_main(args: argparse.Namespace) -> None:
+    import optpass
+    from optpass.models import load_smollm2
+    from optpass.passes.linear_attention import LinearAttentionConfig
+
+    torch.manual_seed(0)
+    model, _ = load_smollm2()
+    model.eval()
+    result: dict[str, Any] = {
+        "scenario": "linear_attention_hedgehog_smollm2", "command": " ".join(["python", *sys.argv]),
+        "machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget": args.budget,
+        "sink": args.sink, "window": args.window, "calibration_len": args.calibration_len,
+        "fit_steps": args.fit_steps, "per_layer_len": args.per_layer_len,
+        "kv_bytes": hedgehog_kv_bytes(model, args.context, args.sink, args.window)}
+    started = time.perf_counter()
+    optimized = optpass.optimize(model, passes=[LinearAttentionConfig(
+        method="hedgehog", window=args.window, sink=args.sink, context=args.context,
+        calibration_len=args.calibration_len, fit_steps=args.fit_steps)], quality_budget=args.budget)
+    result["optimize_s"] = time.perf_counter() - started
+    record = optimized.optpass_report.passes[0]
+    result["pass"] = {"status": record.status, "reason": record.reason, "details": record.details}
+    print(f"[bench] pass: {record.status}: {record.reason}", file=sys.stderr, flush=True)
+    del optimized
+    result["per_layer"] = hedgehog_per_layer(model, args)
+    result["fit_s_total"] = sum(r["fit_s"] for r in result["per_layer"].values())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "linear_attention_hedgehog.json").write_text(json.dumps(result, indent=1, default=str))
+    (RESULTS / "linear_attention_hedgehog.md").write_text(hedgehog_markdown(result))
+    print(hedgehog_markdown(result))
+
+
 def main() -> None:
     import optpass
     from optpass.corpus import token_windows
@@ -131,12 +258,19 @@ def main() -> None:
     ap.add_argument("--budget", default="ppl:2%")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--sink", type=int, default=4)
-    ap.add_argument("--per-layer-len", type=int, default=4096)
+    ap.add_argument("--per-layer-len", type=int, default=None, help="default 4096 (sliding_window), 2048 (hedgehog)")
     ap.add_argument("--passkey", default="4096,8192")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--parts", default="per_layer,document,decode,passkey", help="what to run after the pass")
+    ap.add_argument("--method", default="sliding_window", choices=["sliding_window", "hedgehog"])
+    ap.add_argument("--calibration-len", type=int, default=2048, help="hedgehog: tokens the maps are fitted on")
+    ap.add_argument("--fit-steps", type=int, default=200, help="hedgehog: Adam steps per layer")
     args = ap.parse_args()
+    if args.method == "hedgehog":
+        args.per_layer_len = args.per_layer_len or 2048
+        return hedgehog_main(args)
+    args.per_layer_len = args.per_layer_len or 4096
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
     started = time.perf_counter()

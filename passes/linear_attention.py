@@ -46,6 +46,7 @@ from optpass.hf_compat import (LINEAR_LAYERS, LOCAL_LAYERS, attention_modules, f
                                local_layers, text_config)
 from optpass.long_context import corpus_ids, reference_logits, tail_quality
 from optpass.pass_base import Alternatives, ApplyContext, Candidate, Option, Outcome, Pass, PassConfig, PassResult
+from optpass.progress import track
 from optpass.registry import register_pass
 from optpass.sites import ModelGraph
 
@@ -233,7 +234,7 @@ class LinearAttentionPass(Pass):
         cfg = self.config
         records = record_attention(model, calibration, set(full))
         fitted = {}
-        for i in sorted(records):
+        for i in track(sorted(records), "linear_attention: fitting feature maps (attention transfer)"):
             fitted[i] = fit_layer(records.pop(i), cfg.sink, cfg.window, cfg.fit_steps, seed=i)
         ranked = sorted(fitted, key=lambda i: fitted[i].error_after)
         layers = {str(i): {"error_before": round(fitted[i].error_before, 5),

@@ -10,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import optpass
 from optpass.backends.kv import enable_compressed_attention
-from optpass.backends.linear.feature_map import HedgehogMaps, attach, maps_of
+from optpass.backends.linear.feature_map import HedgehogMaps, maps_of
 from optpass.backends.linear.fit import fit_layer, record_attention, transfer_error
 from optpass.backends.linear.hybrid import HybridLayer, parallel
 from optpass.errors import ConfigError
 from optpass.hf_compat import linear_layers, local_layers
 from optpass.models import tiny_llama
 from optpass.passes.linear_attention import LinearAttentionConfig, set_hybrid
-from tests.test_linear_attention import reference_allowed
+from tests.test_linear_attention import _optimize as optimize_local
+from tests.test_linear_attention import reference_allowed, saved_and_loaded
 
 
 def random_maps(heads: int, kv_heads: int, dim: int, seed: int = 0) -> HedgehogMaps:
@@ -65,7 +65,7 @@ def inputs(batch=2, heads=4, kv_heads=2, seq=23, dim=8, pad=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, h, seq, dim, generator=g) for h in (heads, kv_heads, kv_heads))
     valid = torch.ones(batch, seq, dtype=torch.bool)
-    valid[1, :pad] = False
+    valid[1:, :pad] = False  # the second row is left-padded
     return q, k, v, valid
 
 
@@ -115,6 +115,15 @@ def test_recurrent_decode_equals_the_parallel_form(slack, prompt):
         for t in (28, 29):
             got = layer.decode(q[:, :, t:t + 1], k2[:, :, t:t + 1], v2[:, :, t:t + 1], scale, None, maps=maps)
             torch.testing.assert_close(got[:, :, 0], want2[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_the_fitting_chunk_with_its_past_as_a_state_equals_the_parallel_rows():
+    from optpass.backends.linear.fit import Record, _hybrid
+    q, k, v, _ = inputs(batch=1, seq=40)
+    maps = random_maps(4, 2, 8, seed=3)
+    want = parallel(q, k, v, None, 2, 6, maps, 0.4).transpose(1, 2)  # [1, Hq, S, D]
+    got = _hybrid(Record(q, k, v, 0.4), maps, 20, 32, 2, 6)
+    torch.testing.assert_close(got, want[:, :, 20:32], atol=1e-5, rtol=1e-5)
 
 
 def test_state_is_constant_size_and_counted():
@@ -192,10 +201,8 @@ def test_generate_through_the_runtime_matches_transformers_loop_with_left_paddin
     assert torch.equal(got, hf)
 
 
-def _optimize(model, budget: str, **overrides):
-    config = LinearAttentionConfig(**{"method": "hedgehog", "window": 32, "sink": 4, "calibration_len": 256,
-                                      "eval_len": 256, "fit_steps": 40, **overrides})
-    return optpass.optimize(model, passes=[config], quality_budget=budget)
+def _optimize(model, budget: str):
+    return optimize_local(model, budget, method="hedgehog", fit_steps=40)
 
 
 def test_hedgehog_pass_applies_within_budget_reports_layers_and_survives_save_load(tmp_path):
@@ -211,16 +218,14 @@ def test_hedgehog_pass_applies_within_budget_reports_layers_and_survives_save_lo
         assert v["error_after"] < v["error_before"] and v["fit_s"] > 0
     assert {int(i) for i, v in layers.items() if v.get("converted")} == converted
     kv = record.details["kv_cache_bytes"]
-    assert kv["hybrid"] < kv["full"] and kv["context"] == 256
+    hybrid = HybridLayer(32, sink=4)
+    hybrid.allocate(1, 2, 16, torch.float32, torch.device("cpu"))  # tiny_llama: 2 KV heads of 16
+    per_layer_full = kv["full"] / 4
+    assert kv["context"] == 256 and kv["hybrid"] == kv["full"] - len(converted) * (per_layer_full - hybrid.nbytes())
     for m in out.modules():
         if getattr(m, "layer_idx", None) in converted and hasattr(m, "q_proj"):
             assert maps_of(m) is not None
-    optpass.save(out, tmp_path / "ckpt")
-    loaded = optpass.load(tmp_path / "ckpt")
-    assert linear_layers(loaded.config) == converted
-    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        torch.testing.assert_close(out(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert linear_layers(saved_and_loaded(out, tmp_path).config) == converted
 
 
 def test_hedgehog_pass_rolls_back_with_the_reason_under_an_impossible_budget():

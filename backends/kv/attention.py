@@ -4,8 +4,9 @@ The model keeps computing its own projections, norms and RoPE; only the attentio
 `optpass|<inner>` wraps the implementation the model used before (`sdpa`, `eager`, ...): layers whose cache is
 not optpass's get exactly that implementation, except long prefills of layers the sparse_attention pass
 planned (`backends/sparse/attend.py`), long prefills of layers marked for the bf16 prefill kernel
-(`backends/cpu/prefill_attention.py`), and layers made local, whose mask is narrowed to sinks + window
-(`backends/kv/band.py`). A cache layer of optpass's (`CompressedLayer`) *claims* the
+(`backends/cpu/prefill_attention.py`), layers made local, whose mask is narrowed to sinks + window
+(`backends/kv/band.py`), and layers converted to the sliding-window + linear-attention hybrid, which attend
+through `backends/linear/hybrid.py` (their cache layer, `HybridLayer`, gets the layer's feature maps). A cache layer of optpass's (`CompressedLayer`) *claims* the
 attention call that follows its `update()` (every transformers attention calls `cache.update` and then the
 attention function, for the same layer): at prefill the inner implementation attends exactly and the layer
 then scores and compresses the prompt; at decode the layer attends over its own slots (per-head validity,

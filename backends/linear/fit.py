@@ -63,18 +63,27 @@ def record_attention(model: nn.Module, input_ids: Tensor, layers: set[int] | Non
 
 def _exact(rec: Record, first: int, last: int) -> Tensor:
     """Exact causal softmax attention of query rows [first, last) over keys [0, last). [1, Hq, rows, D] fp32."""
-    q, k, v = rec.query[:, :, first:last], rec.key[:, :, :last], rec.value[:, :, :last]
-    g = q.shape[1] // k.shape[1]
-    return nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), scale=rec.scale,
-        attn_mask=torch.ones(last - first, last, dtype=torch.bool, device=q.device).tril(first))
+    causal = torch.ones(last - first, last, dtype=torch.bool, device=rec.query.device).tril(first)
+    return nn.functional.scaled_dot_product_attention(rec.query[:, :, first:last], rec.key[:, :, :last],
+                                                      rec.value[:, :, :last], attn_mask=causal, scale=rec.scale,
+                                                      enable_gqa=True)
 
 
 def _hybrid(rec: Record, maps: HedgehogMaps, first: int, last: int, sink: int, window: int) -> Tensor:
-    """The hybrid's output for query rows [first, last) over keys [0, last). [1, Hq, rows, D]"""
-    near, far = span_masks(None, last - first, last, sink, window, rec.query.device)
-    q, k, v = rec.query[:, :, first:last], rec.key[:, :, :last], rec.value[:, :, :last]
-    return mix(q, k, v, maps.query(q), maps.key(k), near, far, rec.scale, maps.gain())
+    """The hybrid's output for query rows [first, last) (first >= sink + window, no padding) as the decode layer
+    computes it: keys [sink, first - window] are linear for every row of the chunk and enter as one state (S, z);
+    the sinks and keys from first - window + 1 on are scored per row. [1, Hq, rows, D]"""
+    lo = first - window + 1
+    device = rec.query.device
+    pos = torch.cat([torch.arange(sink, device=device), torch.arange(lo, last, device=device)])
+    rows = torch.arange(first, last, device=device)[:, None]
+    near = ((pos < sink) | (rows - pos < window)) & (pos <= rows)
+    far = (pos >= sink) & (rows - pos >= window)
+    phi_past = maps.key(rec.key[:, :, sink:lo])
+    state = (phi_past.transpose(-1, -2) @ rec.value[:, :, sink:lo], phi_past.sum(2))
+    q, k, v = rec.query[:, :, first:last], rec.key[:, :, pos], rec.value[:, :, pos]
+    return mix(q, k, v, maps.query(q), maps.key(k), near[None, None], far[None, None], rec.scale, maps.gain(),
+               state=state)
 
 
 @torch.no_grad()
@@ -87,9 +96,8 @@ def transfer_error(rec: Record, maps: HedgehogMaps, sink: int, window: int, rows
     pos = torch.linspace(sink + window, seq - 1, rows).round().long().unique().to(rec.query.device)
     near, far = (m[:, :, pos] for m in span_masks(None, seq, seq, sink, window, rec.query.device))
     q = rec.query[:, :, pos]
-    g = q.shape[1] // rec.key.shape[1]
-    want = nn.functional.scaled_dot_product_attention(
-        q, rec.key.repeat_interleave(g, 1), rec.value.repeat_interleave(g, 1), attn_mask=near | far, scale=rec.scale)
+    want = nn.functional.scaled_dot_product_attention(q, rec.key, rec.value, attn_mask=near | far, scale=rec.scale,
+                                                      enable_gqa=True)
     got = mix(q, rec.key, rec.value, maps.query(q), maps.key(rec.key), near, far, rec.scale, maps.gain())
     return float((got - want).pow(2).sum() / want.pow(2).sum().clamp_min(1e-30))
 

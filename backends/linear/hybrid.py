@@ -43,39 +43,59 @@ def span_masks(mask: Any, q_len: int, k_len: int, sink: int, window: int, device
     return near, allowed & ~near
 
 
-def mix(query: Tensor, key: Tensor, value: Tensor, phi_q: Tensor, phi_k: Tensor, near: Tensor, far: Tensor,
-        scale: float, gain: Tensor, softcap: float | None = None) -> Tensor:
+def mix(query: Tensor, key: Tensor, value: Tensor, phi_q: Tensor, phi_k: Tensor | None, near: Tensor,
+        far: Tensor | None, scale: float, gain: Tensor, softcap: float | None = None,
+        state: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Hybrid attention of `query` rows [B, Hq, Q, D] over `key` / `value` [B, Hk, K, D] (GQA: query heads
-    grouped per key head), given phi_q [B, Hq, Q, F], phi_k [B, Hk, K, F], masks [B | 1, 1, Q, K] and gain [Hq].
-    Differentiable (attention transfer trains through it). [B, Hq, Q, D] fp32."""
+    grouped per key head, never copied per query head): exact over `near`, linear over `far` (masks
+    [B | 1, 1, Q, K]; far None = no linear key among these), plus the linear contribution of keys summarised in
+    `state` (S [B, Hk, F, D], z [B, Hk, F]; the decode state, or a chunk's shared past while fitting). phi_q
+    [B, Hq, Q, F], phi_k [B, Hk, K, F], gain [Hq]. Differentiable (attention transfer trains through it).
+    [B, Hq, Q, D] fp32."""
     b, hq, q_len, d = query.shape
-    hk = key.shape[1]
+    hk, k_len = key.shape[1], key.shape[2]
     g = hq // hk
-    near5, far5 = near[:, :, None], far[:, :, None]  # [B, 1, 1, Q, K] against [B, Hk, G, Q, K]
-    logits = query.float().view(b, hk, g, q_len, d) @ key.float()[:, :, None].transpose(-1, -2) * scale
+
+    def grouped(x: Tensor) -> Tensor:  # [B, Hq, Q, X] -> [B, Hk, G * Q, X]: one matmul per key head
+        return x.reshape(b, hk, g * q_len, x.shape[-1])
+
+    logits = (grouped(query.float()) @ key.float().transpose(-1, -2) * scale).view(b, hk, g, q_len, k_len)
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
+    near5 = near[:, :, None]  # [B, 1, 1, Q, K] against [B, Hk, G, Q, K]
     top = logits.masked_fill(~near5, float("-inf")).amax(-1, keepdim=True).detach()
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    exact = (logits - top).masked_fill(~near5, float("-inf")).exp()  # fill before exp: no inf * 0 in backward
-    linear = phi_q.view(b, hk, g, q_len, -1) @ phi_k[:, :, None].transpose(-1, -2)
-    weights = exact + linear.masked_fill(~far5, 0.0) * gain.view(1, hk, g, 1, 1)
-    out = (weights @ value.float()[:, :, None]) / weights.sum(-1, keepdim=True).clamp_min(1e-30)
-    return out.view(b, hq, q_len, d)
+    weights = (logits - top).masked_fill(~near5, float("-inf")).exp()  # fill before exp: no inf * 0 in backward
+    gain5 = gain.view(1, hk, g, 1, 1)
+    if far is not None:
+        linear = (grouped(phi_q) @ phi_k.transpose(-1, -2)).view(b, hk, g, q_len, k_len)
+        weights = weights + linear.masked_fill(~far[:, :, None], 0.0) * gain5
+    num = weights.view(b, hk, g * q_len, k_len) @ value.float()
+    den = weights.sum(-1).view(b, hk, g * q_len, 1)
+    if state is not None:
+        scaled = grouped((phi_q.view(b, hk, g, q_len, -1) * gain5).view(b, hq, q_len, -1))
+        num = num + scaled @ state[0]
+        den = den + scaled @ state[1][..., None]
+    return (num / den.clamp_min(1e-30)).view(b, hq, q_len, d)
 
 
 def parallel(query: Tensor, key: Tensor, value: Tensor, mask: Any, sink: int, window: int, maps: HedgehogMaps,
              scale: float, softcap: float | None = None) -> Tensor:
     """The hybrid over a whole prompt (or a decode step over a full cache), in query chunks of about
-    CHUNK_ELEMENTS scores. Returns [B, Q, Hq, D] in the query's dtype, as transformers' attention functions do."""
+    CHUNK_ELEMENTS scores. A chunk reads keys only up to its last query's latest possible position (the mask is
+    causal: a query row is at most at its own index counted from the end), which halves a prefill's work.
+    Returns [B, Q, Hq, D] in the query's dtype, as transformers' attention functions do."""
     b, hq, q_len, _ = query.shape
     k_len = key.shape[2]
     near, far = span_masks(mask, q_len, k_len, sink, window, query.device)
     phi_k, gain = maps.key(key), maps.gain()
     rows = max(1, CHUNK_ELEMENTS // (b * hq * k_len))
-    outs = [mix(query[:, :, i:i + rows], key, value, maps.query(query[:, :, i:i + rows]), phi_k,
-                near[:, :, i:i + rows], far[:, :, i:i + rows], scale, gain, softcap)
-            for i in range(0, q_len, rows)]
+    outs = []
+    for i in range(0, q_len, rows):
+        j, end = min(i + rows, q_len), k_len - q_len + min(i + rows, q_len)
+        q = query[:, :, i:j]
+        outs.append(mix(q, key[:, :, :end], value[:, :, :end], maps.query(q), phi_k[:, :, :end],
+                        near[:, :, i:j, :end], far[:, :, i:j, :end], scale, gain, softcap))
     return torch.cat(outs, dim=2).transpose(1, 2).to(query.dtype).contiguous()
 
 
@@ -128,30 +148,20 @@ class HybridLayer(RingLayer):
                maps: HedgehogMaps | None = None) -> Tensor:
         """Fold the token leaving the ring into the state, store the new one, attend: exact over sinks + window,
         linear over the state (and ring slots past the window). [B, Hq, 1, D]"""
-        b, h, _, d = key.shape
-        hq = query.shape[1]
         now = self.t.to(torch.int32)
         self._fold(now, maps)
         self._write(key, value)
-        keys, values = self.store.decode_keys().float(), self.store.decode_values().float()
+        keys, values = self.store.decode_keys(), self.store.decode_values()
         self.t.add_(1)
         near = self._exact(now)[:, None, None, :]  # [B, 1, 1, C]
-        q = query.float().view(b, h, hq // h, d)
-        logits = torch.einsum("bhgd,bhwd->bhgw", q, keys) * scaling
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        logits = logits.masked_fill(~near, float("-inf"))
-        exact = (logits - logits.amax(-1, keepdim=True)).exp()
-        phi_q = maps.query(query).view(b, h, hq // h, -1)  # [B, Hk, G, F]
-        gain = maps.gain().view(1, h, hq // h, 1)
-        num = exact @ values + gain * (phi_q @ self.state)
-        den = exact.sum(-1, keepdim=True) + gain * (phi_q @ self.norm[..., None])
+        far = phi_k = None
         if self.ring > self.window:  # slack slots past the window: linear, read from the ring
-            past = ((self.age >= 0) & (self.age <= now - self.window)
-                    & (torch.arange(self.capacity, device=key.device) >= self.sink))[:, None, None, :]
-            lin = (phi_q @ maps.key(keys).transpose(-1, -2)).masked_fill(~past, 0.0) * gain
-            num, den = num + lin @ values, den + lin.sum(-1, keepdim=True)
-        return (num / den).reshape(b, hq, 1, d).to(query.dtype)
+            slots = torch.arange(self.capacity, device=key.device)
+            far = ((self.age >= 0) & (self.age <= now - self.window) & (slots >= self.sink))[:, None, None, :]
+            phi_k = maps.key(keys)
+        out = mix(query, keys, values, maps.query(query), phi_k, near, far, scaling, maps.gain(), softcap,
+                  (self.state, self.norm))
+        return out.to(query.dtype)
 
     def _fold(self, now: Tensor, maps: HedgehogMaps) -> None:
         """Add the occupant of the next ring slot to the state if it is the token leaving the ring (position

@@ -188,28 +188,40 @@ def hedgehog_markdown(result: dict[str, Any]) -> str:
     from optpass.long_context import EVAL_TAIL
 
     kv, plan = result["kv_bytes"], result["pass"]
+    details = plan["details"]
     lines = ["# linear_attention, method=hedgehog, SmolLM2-135M (fp32)", "",
              f"`{result['command']}` ({result['date']}; {result['machine'].get('cpu', '')})", "",
-             f"sinks {result['sink']} + window {result['window']} exact, every earlier token linear; maps fitted on "
-             f"{result['calibration_len']} calibration tokens, {result['fit_steps']} Adam steps per layer "
-             f"(total {result['fit_s_total']:.0f} s). Per-layer quality: relative output error of the layer "
-             f"(hybrid vs exact softmax, 256 query rows), and ppl change / KL of the last {EVAL_TAIL} tokens of a "
-             f"{result['per_layer_len']}-token corpus window with only that layer converted.", "",
+             f"sinks {result['sink']} + window {result['window']} exact, every earlier token linear; "
+             f"{result['fit_steps']} Adam steps of attention transfer per layer; the pass fitted on "
+             f"{details.get('calibration_tokens')} tokens in {result['fit_s_total']:.0f} s.", "",
              "| layer | error identity | error fitted | fit s | ppl identity | ppl fitted | KL identity | KL fitted |",
              "|---|---|---|---|---|---|---|---|"]
-    for i, r in result["per_layer"].items():
-        lines.append(f"| {i} | {r['error_before']:.4f} | {r['error_after']:.4f} | {r['fit_s']:.1f} | "
-                     f"{r['identity']['ppl_increase']:+.2%} | {r['fitted']['ppl_increase']:+.2%} | "
-                     f"{r['identity']['kl']:.4f} | {r['fitted']['kl']:.4f} |")
+    if "per_layer" in result:
+        lines.insert(-3, f"Per layer (fitted again on {result['calibration_len']} tokens): relative output error of "
+                     "the layer (hybrid vs exact softmax, 256 query rows), and ppl change / KL of the last "
+                     f"{EVAL_TAIL} tokens of a {result['per_layer_len']}-token corpus window with only that layer "
+                     "converted, identity-initialised vs fitted maps.")
+        lines.insert(-3, "")
+        for i, r in result["per_layer"].items():
+            lines.append(f"| {i} | {r['error_before']:.4f} | {r['error_after']:.4f} | {r['fit_s']:.1f} | "
+                         f"{r['identity']['ppl_increase']:+.2%} | {r['fitted']['ppl_increase']:+.2%} | "
+                         f"{r['identity']['kl']:.4f} | {r['fitted']['kl']:.4f} |")
+    else:  # the pass's own figures, ranked best first
+        lines.insert(-3, "Per layer, the pass's figures (best first): relative output error of the layer (hybrid vs "
+                     "exact softmax, 256 query rows) with identity-initialised and fitted maps; ppl / KL with one "
+                     "layer converted not measured in this run (--parts per_layer).")
+        lines.insert(-3, "")
+        for i, r in details.get("layers", {}).items():
+            lines.append(f"| {i} | {r['error_before']:.4f} | {r['error_after']:.4f} | {r['fit_s']:.1f} | - | - | - | - |")
     lines += ["", f"Decode KV cache at {kv['context']} tokens, one sequence: full layer {kv['full_layer'] / 2**20:.2f} "
               f"MiB, hybrid layer {kv['hybrid_layer'] / 2**20:.2f} MiB (of which linear state "
               f"{kv['hybrid_state'] / 2**20:.2f} MiB): {kv['saved_per_layer'] / 2**20:.2f} MiB saved per converted "
               "layer.", "", f"## The pass under `{result['budget']}` at {kv['context']} tokens "
               f"({result['optimize_s']:.0f} s)", "", f"status: **{plan['status']}**: {plan['reason']}", ""]
-    for t in plan["details"].get("tried", []):
+    for t in details.get("tried", []):
         lines.append(f"- {t['label']}: {t['why']}")
-    if "kv_cache_bytes" in plan["details"]:
-        k = plan["details"]["kv_cache_bytes"]
+    if "kv_cache_bytes" in details:
+        k = details["kv_cache_bytes"]
         lines += ["", f"whole model KV at {k['context']}: {k['full'] / 2**20:.1f} -> {k['hybrid'] / 2**20:.1f} MiB "
                   f"(saving {k['saving']:.1%})"]
     return "\n".join(lines) + "\n"
@@ -238,11 +250,12 @@ def hedgehog_main(args: argparse.Namespace) -> None:
     result["pass"] = {"status": record.status, "reason": record.reason, "details": record.details}
     print(f"[bench] pass: {record.status}: {record.reason}", file=sys.stderr, flush=True)
     del optimized
-    result["per_layer"] = hedgehog_per_layer(model, args)
-    result["fit_s_total"] = sum(r["fit_s"] for r in result["per_layer"].values())
+    result["fit_s_total"] = record.details.get("fit_s_total", 0.0)
+    if "per_layer" in args.parts.split(","):
+        result["per_layer"] = hedgehog_per_layer(model, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "linear_attention_hedgehog.json").write_text(json.dumps(result, indent=1, default=str))
-    (RESULTS / "linear_attention_hedgehog.md").write_text(hedgehog_markdown(result))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1, default=str))
+    (RESULTS / f"{args.name}.md").write_text(hedgehog_markdown(result))
     print(hedgehog_markdown(result))
 
 
@@ -266,6 +279,7 @@ def main() -> None:
     ap.add_argument("--method", default="sliding_window", choices=["sliding_window", "hedgehog"])
     ap.add_argument("--calibration-len", type=int, default=2048, help="hedgehog: tokens the maps are fitted on")
     ap.add_argument("--fit-steps", type=int, default=200, help="hedgehog: Adam steps per layer")
+    ap.add_argument("--name", default="linear_attention_hedgehog", help="hedgehog: results file name")
     args = ap.parse_args()
     if args.method == "hedgehog":
         args.per_layer_len = args.per_layer_len or 2048

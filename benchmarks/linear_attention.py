@@ -61,13 +61,15 @@ def per_layer(model: Any, layers: list[int], sink: int, window: int, length: int
 
 
 @torch.no_grad()
-def document_quality(model: Any, ids: torch.Tensor, arms: dict[str, dict]) -> dict[str, Any]:
+def document_quality(model: Any, ids: torch.Tensor, arms: dict[str, dict], convert: Any = None) -> dict[str, Any]:
+    """Per arm ({name: layers}, the first the reference): ppl over the document and its second half, KL and top-1
+    of the second half vs the first arm. `convert(model, layers)` sets an arm up (default: plain local layers)."""
     from optpass.metrics import logits_kl, top1_agreement
     from optpass.passes.linear_attention import set_local
 
     half, results, reference = ids.shape[1] // 2, {}, None
     for arm, local in arms.items():
-        set_local(model, local)
+        (convert or set_local)(model, local)
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")
         row = {"ppl": math.exp(float(nll.mean())), "ppl_second_half": math.exp(float(nll[half - 1:].mean()))}
@@ -164,6 +166,21 @@ def hedgehog_per_layer(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def hedgehog_document(optimized: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The plan on a held-out document of the context's length (disjoint from the pass's text): full vs plan."""
+    from optpass.backends.linear.feature_map import maps_of
+    from optpass.corpus import token_windows
+    from optpass.hf_compat import attention_modules, linear_layers, local_layers
+    from optpass.passes.linear_attention import set_hybrid
+
+    modules = attention_modules(optimized)
+    chosen = {i: local_layers(optimized.config)[i] for i in linear_layers(optimized.config)}
+    maps = {i: maps_of(modules[i]) for i in chosen}
+    doc = token_windows(args.tokenizer, window=args.context, count=1, offset_windows=3)
+    return document_quality(optimized, doc, {"full": {}, "optpass plan": chosen},
+                            convert=lambda m, layers: set_hybrid(m, layers, maps))
+
+
 def hedgehog_kv_bytes(model: Any, context: int, sink: int, window: int) -> dict[str, int]:
     """Decode cache bytes at `context` of one full layer (the runtime's static layer) and of one hybrid layer
     (its allocated ring, bookkeeping and linear state), for one sequence."""
@@ -224,6 +241,12 @@ def hedgehog_markdown(result: dict[str, Any]) -> str:
         k = details["kv_cache_bytes"]
         lines += ["", f"whole model KV at {k['context']}: {k['full'] / 2**20:.1f} -> {k['hybrid'] / 2**20:.1f} MiB "
                   f"(saving {k['saving']:.1%})"]
+    if "document" in result:
+        lines += ["", f"Held-out {kv['context']}-token document (disjoint from the pass's text):", "",
+                  "| arm | ppl | ppl second half | KL second half | top-1 second half |", "|---|---|---|---|---|"]
+        for arm, r in result["document"].items():
+            lines.append(f"| {arm} | {r['ppl']:.3f} ({r['ppl_increase']:+.2%}) | {r['ppl_second_half']:.3f} | "
+                         f"{r.get('kl_second_half', 0):.4f} | {r.get('top1_second_half', 1):.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,7 +256,7 @@ def hedgehog_main(args: argparse.Namespace) -> None:
     from optpass.passes.linear_attention import LinearAttentionConfig
 
     torch.manual_seed(0)
-    model, _ = load_smollm2()
+    model, args.tokenizer = load_smollm2()
     model.eval()
     result: dict[str, Any] = {
         "scenario": "linear_attention_hedgehog_smollm2", "command": " ".join(["python", *sys.argv]),
@@ -249,8 +272,10 @@ def hedgehog_main(args: argparse.Namespace) -> None:
     record = optimized.optpass_report.passes[0]
     result["pass"] = {"status": record.status, "reason": record.reason, "details": record.details}
     print(f"[bench] pass: {record.status}: {record.reason}", file=sys.stderr, flush=True)
-    del optimized
     result["fit_s_total"] = record.details.get("fit_s_total", 0.0)
+    if "document" in args.parts.split(",") and record.status == "applied":
+        result["document"] = hedgehog_document(optimized, args)
+    del optimized
     if "per_layer" in args.parts.split(","):
         result["per_layer"] = hedgehog_per_layer(model, args)
     RESULTS.mkdir(parents=True, exist_ok=True)

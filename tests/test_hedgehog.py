@@ -19,7 +19,7 @@ from optpass.hf_compat import linear_layers, local_layers
 from optpass.models import tiny_llama
 from optpass.passes.linear_attention import LinearAttentionConfig, set_hybrid
 from tests.test_linear_attention import _optimize as optimize_local
-from tests.test_linear_attention import reference_allowed, saved_and_loaded
+from tests.test_linear_attention import assert_runtime_generates_as_transformers, reference_allowed, saved_and_loaded
 
 
 def random_maps(heads: int, kv_heads: int, dim: int, seed: int = 0) -> HedgehogMaps:
@@ -186,19 +186,9 @@ def test_converted_layers_give_the_same_logits_through_hybrid_caches_and_transfo
 
 
 def test_generate_through_the_runtime_matches_transformers_loop_with_left_padding():
-    from optpass.backends.runtime import DecodePlan, install_runtime
-
     model = tiny_llama(layers=3).eval()
     _convert(model, [0, 2])
-    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 40, dtype=torch.long)
-    mask[1, :5] = 0
-    hf = type(model).generate(model, ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
-    install_runtime(model, DecodePlan(compiled_step=True, max_cache_len=64))
-    model.optpass_runtime.engine._compile = False
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
-    assert model.optpass_runtime.fast_calls == 1, model.optpass_runtime.fallbacks
-    assert torch.equal(got, hf)
+    assert_runtime_generates_as_transformers(model, 40)  # 40 > 2 sinks + 16 window: linear state in use
 
 
 def _optimize(model, budget: str):

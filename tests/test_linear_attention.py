@@ -104,13 +104,18 @@ def test_local_layers_give_the_same_logits_through_rings_and_transformers_cache(
 
 
 def test_local_layers_decode_left_padded_batches_on_the_runtime_as_transformers_does():
-    from optpass.backends.runtime import DecodePlan, install_runtime
-
     model = tiny_llama(layers=3).eval()
     enable_compressed_attention(model)
     set_local(model, {0: (2, 6), 2: (2, 6)})
-    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 20, dtype=torch.long)
+    assert_runtime_generates_as_transformers(model, 20)
+
+
+def assert_runtime_generates_as_transformers(model, prompt: int) -> None:
+    """Greedy tokens of a left-padded batch of two: optpass's decode runtime (eager steps) == transformers' loop."""
+    from optpass.backends.runtime import DecodePlan, install_runtime
+
+    ids = torch.randint(0, 256, (2, prompt), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, prompt, dtype=torch.long)
     mask[1, :5] = 0
     hf = type(model).generate(model, ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
     install_runtime(model, DecodePlan(compiled_step=True, max_cache_len=64))

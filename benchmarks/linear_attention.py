@@ -209,38 +209,39 @@ def hedgehog_markdown(result: dict[str, Any]) -> str:
     lines = ["# linear_attention, method=hedgehog, SmolLM2-135M (fp32)", "",
              f"`{result['command']}` ({result['date']}; {result['machine'].get('cpu', '')})", "",
              f"sinks {result['sink']} + window {result['window']} exact, every earlier token linear; "
-             f"{result['fit_steps']} Adam steps of attention transfer per layer; the pass fitted on "
-             f"{details.get('calibration_tokens')} tokens in {result['fit_s_total']:.0f} s.", "",
-             "| layer | error identity | error fitted | fit s | ppl identity | ppl fitted | KL identity | KL fitted |",
-             "|---|---|---|---|---|---|---|---|"]
-    if "per_layer" in result:
-        lines.insert(-3, f"Per layer (fitted again on {result['calibration_len']} tokens): relative output error of "
-                     "the layer (hybrid vs exact softmax, 256 query rows), and ppl change / KL of the last "
-                     f"{EVAL_TAIL} tokens of a {result['per_layer_len']}-token corpus window with only that layer "
-                     "converted, identity-initialised vs fitted maps.")
-        lines.insert(-3, "")
-        for i, r in result["per_layer"].items():
-            lines.append(f"| {i} | {r['error_before']:.4f} | {r['error_after']:.4f} | {r['fit_s']:.1f} | "
-                         f"{r['identity']['ppl_increase']:+.2%} | {r['fitted']['ppl_increase']:+.2%} | "
-                         f"{r['identity']['kl']:.4f} | {r['fitted']['kl']:.4f} |")
-    else:  # the pass's own figures, ranked best first
-        lines.insert(-3, "Per layer, the pass's figures (best first): relative output error of the layer (hybrid vs "
-                     "exact softmax, 256 query rows) with identity-initialised and fitted maps; ppl / KL with one "
-                     "layer converted not measured in this run (--parts per_layer).")
-        lines.insert(-3, "")
-        for i, r in details.get("layers", {}).items():
-            lines.append(f"| {i} | {r['error_before']:.4f} | {r['error_after']:.4f} | {r['fit_s']:.1f} | - | - | - | - |")
-    lines += ["", f"Decode KV cache at {kv['context']} tokens, one sequence: full layer {kv['full_layer'] / 2**20:.2f} "
-              f"MiB, hybrid layer {kv['hybrid_layer'] / 2**20:.2f} MiB (of which linear state "
-              f"{kv['hybrid_state'] / 2**20:.2f} MiB): {kv['saved_per_layer'] / 2**20:.2f} MiB saved per converted "
-              "layer.", "", f"## The pass under `{result['budget']}` at {kv['context']} tokens "
-              f"({result['optimize_s']:.0f} s)", "", f"status: **{plan['status']}**: {plan['reason']}", ""]
+             f"{result['fit_steps']} Adam steps of attention transfer per layer.", "",
+             f"## The pass under `{result['budget']}` at {kv['context']} tokens ({result['optimize_s']:.0f} s)", "",
+             f"status: **{plan['status']}**: {plan['reason']}", ""]
     for t in details.get("tried", []):
-        lines.append(f"- {t['label']}: {t['why']}")
+        q = t.get("quality", {})
+        lines.append(f"- {t['label']}: {t['why']}" + (f" (ppl {q['ppl_increase']:+.2%}, KL {q['kl']:.4f}, top-1 "
+                                                      f"{q['top1']:.3f} on {details.get('scored_tokens')} positions)"
+                                                      if q else ""))
     if "kv_cache_bytes" in details:
         k = details["kv_cache_bytes"]
         lines += ["", f"whole model KV at {k['context']}: {k['full'] / 2**20:.1f} -> {k['hybrid'] / 2**20:.1f} MiB "
                   f"(saving {k['saving']:.1%})"]
+    lines += ["", f"Decode KV cache at {kv['context']} tokens, one sequence: full layer {kv['full_layer'] / 2**20:.2f} "
+              f"MiB, hybrid layer {kv['hybrid_layer'] / 2**20:.2f} MiB (of which linear state "
+              f"{kv['hybrid_state'] / 2**20:.2f} MiB): {kv['saved_per_layer'] / 2**20:.2f} MiB saved per converted "
+              "layer.", "",
+              f"Per layer, the pass's fit on {details.get('calibration_tokens')} tokens ({result['fit_s_total']:.0f} s "
+              "in all), ranked best first: relative output error of the layer (hybrid vs exact softmax, 256 query "
+              "rows) with identity-initialised and fitted maps.", "",
+              "| layer | error identity | error fitted | fit s | converted |", "|---|---|---|---|---|"]
+    for i, r in details.get("layers", {}).items():
+        lines.append(f"| {i} | {r['error_before']:.4f} | {r['error_after']:.5f} | {r['fit_s']:.1f} | "
+                     f"{'yes' if r.get('converted') else ''} |")
+    if "per_layer" in result:
+        lines += ["", f"Per layer alone (fitted again on {result['calibration_len']} tokens): the same error, and ppl "
+                  f"change / KL of the last {EVAL_TAIL} tokens of a {result['per_layer_len']}-token corpus window with "
+                  "only that layer converted, identity-initialised vs fitted maps.", "",
+                  "| layer | error identity | error fitted | fit s | ppl identity | ppl fitted | KL identity | KL fitted |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for i, r in result["per_layer"].items():
+            lines.append(f"| {i} | {r['error_before']:.4f} | {r['error_after']:.4f} | {r['fit_s']:.1f} | "
+                         f"{r['identity']['ppl_increase']:+.2%} | {r['fitted']['ppl_increase']:+.2%} | "
+                         f"{r['identity']['kl']:.4f} | {r['fitted']['kl']:.4f} |")
     if "document" in result:
         lines += ["", f"Held-out {kv['context']}-token document (disjoint from the pass's text):", "",
                   "| arm | ppl | ppl second half | KL second half | top-1 second half |", "|---|---|---|---|---|"]

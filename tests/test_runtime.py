@@ -209,3 +209,19 @@ def test_draw_follows_the_distribution():
     assert counts.sum() == counts[[3, 100, 2000]].sum()
     sigma = (6000 * p * (1 - p)).sqrt()  # binomial spread of each count
     assert bool(((counts[[3, 100, 2000]].float() - 6000 * p).abs() < 4 * sigma).all()), counts[[3, 100, 2000]]
+
+
+def test_a_fresh_process_compiles_the_step_of_a_model_with_sliding_layers():
+    """The decode kernels load on first use, which must not happen inside the step's trace (their progress line
+    calls time.perf_counter, which dynamo refuses): a model with sliding-window layers skipped the early load."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import torch\nfrom tests import model_zoo\nfrom optpass.backends.runtime import DecodeEngine, DecodePlan\n"
+              "m = model_zoo.gemma3().eval()\n"
+              "e = DecodeEngine(m, DecodePlan(compiled_step=True, max_cache_len=256))\n"
+              "print(tuple(e.generate(torch.randint(0, 100, (1, 12)), 4).shape))\n")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "(1, 16)" in done.stdout, done.stderr[-2000:]

@@ -124,20 +124,22 @@ class DecodeEngine:
         from optpass.backends.cpu import gemv_ops
         from optpass.backends.kv import enable_compressed_attention
         from optpass.backends.kv.cache import CompressedKVCache, has_sliding_layers, static_cache
-        from optpass.hf_compat import local_layers
+        from optpass.hf_compat import linear_layers, local_layers
 
         config = self.model.config
         sliding = has_sliding_layers(config)
         # optpass's cache layers attend through optpass; so do the steps, with optpass's decode kernel where it
         # is built (`decode_steps`), and verify steps in any case (row-exact)
-        if self.kv_settings is not None or sliding or slack or gemv_ops.available():
+        kernels = gemv_ops.available()  # loads the kernels here, never first inside a step's trace
+        if self.kv_settings is not None or sliding or slack or kernels:
             enable_compressed_attention(self.model)
         if self.kv_settings is not None:
             context = -(-prompt // KV_CONTEXT_BUCKET) * KV_CONTEXT_BUCKET
             # optpass's layers mask padding by their own slot validity: steps pass no mask
             return (batch, "kv", context), lambda: CompressedKVCache(self.kv_settings, config, context), None
         length = cache_bucket(needed + slack, self.plan.max_cache_len)  # a verify step writes k slots past the end
-        local = tuple(sorted(local_layers(config).items()))  # layers made local after this engine was built
+        # layers made local (or hybrid) after this engine was built need other cache layers
+        local = tuple(sorted(local_layers(config).items())), tuple(sorted(linear_layers(config)))
         # only ring (sliding-window) layers keep slack slots; without them drafting and plain calls share one
         # cache and one compiled one-token step (two 2k-slot caches at batch 4 are ~750 MB for SmolLM2)
         ring_slack = slack if sliding else 0

@@ -8,6 +8,12 @@ with the cost model's forward formula (k + 1 rows vs 1 row at the planned contex
 that decoding with the drafter gives the same tokens as without (rolled back otherwise), and hands the proposer
 to the runtime, whose gate (`backends/runtime/gate.py`) follows the measured times and acceptance per call and
 stops drafting on text that does not repeat its input.
+
+With `proposer="self_draft"` the drafter is the model itself with some blocks skipped
+(`backends/runtime/self_draft.py`). Each drafted token then costs a drafting step, so the pass first searches
+which blocks to skip and how many tokens to draft (`search_self_draft`: acceptance measured on the model's own
+greedy continuations, costs from the cost model) and refuses, with the measured acceptance and the predicted
+speedup in the reason, where no setting pays.
 """
 
 from __future__ import annotations

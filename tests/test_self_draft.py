@@ -18,7 +18,7 @@ from optpass.models import tiny_llama
 from optpass.passes.layer_skip import decoder_layers, remove_blocks
 from optpass.passes.speculative import SpeculativeConfig
 from tests import model_zoo
-from tests.test_speculative import _forward_greedy, _hf_greedy, _repeating_prompts
+from tests.test_speculative import _forward_greedy, _hf_greedy, _repeating_prompts, check_left_padded_batch_of_four
 
 
 def _plan(layers: list[int], draft: int = 3, **extra) -> DecodePlan:
@@ -60,16 +60,7 @@ def test_no_drafted_entry_survives_in_the_cache():
 def test_batch_of_four_with_left_padding_matches_per_prompt_runs():
     model = tiny_llama(layers=4).eval()
     engine = DecodeEngine(model, _plan([3], draft=1), compile=False)  # 4 rows x (1 + 1) within the 8-row budget
-    prompts = [p[0] for p in _repeating_prompts(4, seed=3)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(4, width, dtype=torch.long)
-    mask = torch.zeros(4, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-    got = engine.generate(ids, 20, attention_mask=mask)
-    for i, p in enumerate(prompts):
-        assert torch.equal(got[i, width:], _hf_greedy(model, p[None], 20)[0, len(p):]), i
-    assert engine.last_timing["verify_steps"] > 0
+    check_left_padded_batch_of_four(model, engine)
 
 
 def test_compiled_self_drafting_with_int8_weights_matches_plain_decoding():

@@ -164,10 +164,9 @@ def test_greedy_with_a_drafter_is_token_for_token_the_models_own(kind, build):
     assert accepted > 0, "the prompts repeat: some drafts must have been accepted"
 
 
-@pytest.mark.parametrize("kind", PROPOSERS)
-def test_batch_of_four_with_left_padding_matches_per_prompt_runs(kind):
-    model = tiny_llama().eval()
-    engine = DecodeEngine(model, _plan(kind), compile=False)
+def check_left_padded_batch_of_four(model, engine) -> None:
+    """Four left-padded prompts in one call decode each row as transformers decodes that prompt alone, with
+    drafts verified on the way."""
     prompts = [p[0] for p in _repeating_prompts(4, seed=3)]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(4, width, dtype=torch.long)
@@ -179,6 +178,12 @@ def test_batch_of_four_with_left_padding_matches_per_prompt_runs(kind):
         want = _hf_greedy(model, p[None], 20)[0, len(p):]
         assert torch.equal(got[i, width:], want), i
     assert engine.last_timing["verify_steps"] > 0
+
+
+@pytest.mark.parametrize("kind", PROPOSERS)
+def test_batch_of_four_with_left_padding_matches_per_prompt_runs(kind):
+    model = tiny_llama().eval()
+    check_left_padded_batch_of_four(model, DecodeEngine(model, _plan(kind), compile=False))
 
 
 def test_compiled_verify_step_with_int8_weights_matches_plain_decoding():

@@ -143,9 +143,11 @@ def best_setting(alphas: dict[int, float], drafts: Sequence[int], draft_cost: Ca
     """The (blocks skipped, draft length) with the highest predicted speedup, and every setting weighed.
     `draft_cost(skipped)` and `verify_cost(k)` are in one-token steps of the full model."""
     table = []
+    verify = {k: verify_cost(k) for k in drafts}
     for skipped, alpha in alphas.items():
+        step = draft_cost(skipped)  # one cost-model evaluation per skip set, not per draft length
         for k in drafts:
             tokens = tokens_per_verify(alpha, k)
-            cost = k * draft_cost(skipped) + verify_cost(k)
+            cost = k * step + verify[k]
             table.append(DraftSetting(skipped, k, alpha, tokens, cost, tokens / cost))
     return max(table, key=lambda s: s.speedup), table
